@@ -1,0 +1,52 @@
+# `make demo` and `make test` set up everything they need on a fresh machine:
+# a virtual environment in .venv with the package and its test tools, and the
+# Fashion-MNIST files (Debian's dataset-fashion-mnist) when running as root.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+DEMO_ARGS ?=
+
+.PHONY: all demo test lint format setup data clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data:
+	@if [ -f $(FASHION_DIR)/train-images-idx3-ubyte.gz ] || [ -f $(FASHION_DIR)/train-images-idx3-ubyte ]; then \
+		echo "Fashion-MNIST found in $(FASHION_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y -q dataset-fashion-mnist || \
+		(apt-get update -q && apt-get install -y -q dataset-fashion-mnist); \
+	else \
+		echo "Fashion-MNIST is missing from $(FASHION_DIR)."; \
+		echo "Install it with: sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu),"; \
+		echo "or put the four IDX files in a folder and run wcl with --set data.root=FOLDER,"; \
+		echo "or let torchvision download them: --set data.download=true data.root=data/fashion-mnist"; \
+		exit 1; \
+	fi
+
+demo: setup data
+	$(BIN)/wcl pretrain --config fashion-mnist-demo --resume auto $(DEMO_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: setup data lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

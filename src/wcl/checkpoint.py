@@ -1,0 +1,307 @@
+"""Crash-safe checkpoint files and RNG state capture for resumable training.
+
+Checkpoints are written atomically (temporary file + fsync + rename + directory fsync), so
+a crash or a full disk never leaves a half-written ``last.pt``. They hold only
+``torch.load(weights_only=True)``-safe values and are always loaded that way, so opening a
+checkpoint can never execute code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import pickle
+import random
+import re
+import tempfile
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+FORMAT = "wcl-checkpoint"
+FORMAT_VERSION = 1
+LAST_NAME = "last.pt"
+
+# Exact types (not isinstance: numpy.float64 subclasses float yet pickles as a numpy global,
+# which weights_only refuses).
+_SAFE_SCALARS = (str, int, float, bool, type(None))
+_SAFE_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_SAFE_MAPPINGS = (dict, OrderedDict)
+_SAFE_SEQUENCES = (list, tuple)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, unsafe, foreign or from a newer format."""
+
+
+def _check_safe(obj: Any, where: str) -> None:
+    """Raise TypeError naming ``where`` if ``obj`` holds a value weights_only cannot load."""
+    kind = type(obj)
+    if kind in _SAFE_SCALARS or kind in _SAFE_TENSORS:
+        return
+    if kind in _SAFE_MAPPINGS:
+        for key, value in obj.items():
+            _check_safe(key, f"{where} key {key!r}")
+            _check_safe(value, f"{where}[{key!r}]")
+        return
+    if kind in _SAFE_SEQUENCES:
+        for i, value in enumerate(obj):
+            _check_safe(value, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"{where} has type {kind.__module__}.{kind.__qualname__}, which "
+        "torch.load(weights_only=True) cannot load; convert it to a tensor, dict, list, tuple, "
+        "str, int, float, bool or None"
+    )
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; a no-op where directories cannot be fsynced."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        # Some filesystems (e.g. certain network mounts) reject fsync on a directory.
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Atomically write ``state`` (plus format tags) to ``path``.
+
+    The previous file at ``path`` is replaced only once the new one is fully on disk; on any
+    failure the temporary file is removed, ``path`` is left as it was, and an ``OSError``
+    (same errno) or ``RuntimeError`` naming ``path`` is raised. ``TypeError`` is raised,
+    before anything is written, if ``state`` holds a value weights_only loading would refuse.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
+    path = Path(path)
+    payload = dict(state)
+    payload["format"] = FORMAT
+    payload["format_version"] = FORMAT_VERSION
+    _check_safe(payload, "state")
+
+    directory = path.absolute().parent
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+        try:
+            # mkstemp creates the file 0600; give it the mode a plain open() would have.
+            os.chmod(tmp, 0o666 & ~_umask())
+            f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        message = (
+            f"could not write checkpoint {path}: {err}; "
+            "the previous checkpoint at that path (if any) is intact"
+        )
+        if isinstance(err, OSError):
+            # Keep the errno so callers can still tell ENOSPC from EACCES.
+            raise (OSError(message) if err.errno is None else OSError(err.errno, message)) from err
+        if isinstance(err, Exception):
+            raise RuntimeError(message) from err
+        raise  # KeyboardInterrupt and friends propagate unchanged.
+    try:
+        _fsync_dir(directory)
+    except OSError as err:
+        raise OSError(
+            err.errno,
+            f"checkpoint {path} was written, but syncing its directory failed ({err}); "
+            "it may not survive a power loss",
+        ) from err
+
+
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+_REFUSED_OTHER = re.compile(
+    r"(unrecognized function \S+|Can only create new object .*?got \S+|Can only build .*?got \S+)"
+)
+
+
+def _refusal_detail(path: Path, message: str) -> str | None:
+    """What weights_only refused to load (e.g. 'builtins.getattr'), or None if not a refusal."""
+    match = _REFUSED_GLOBAL.search(message) or _REFUSED_OTHER.search(message)
+    if match is None:
+        return None
+    try:
+        # Lists every offending global (zip-format files only), which names the payload
+        # better than the first refusal does.
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        names = []
+    return ", ".join(sorted(names)) if names else match.group(1)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    *,
+    allow_foreign: bool = False,
+) -> dict:
+    """Load a checkpoint dict with ``torch.load(weights_only=True)``.
+
+    Raises ``CheckpointError`` (naming the file) if it is missing, truncated or corrupt,
+    contains pickled objects that would run code, is not a dict, is not a wcl checkpoint
+    (unless ``allow_foreign``, which returns any dict as is), or has a newer format version.
+    The returned dict keeps the ``format`` / ``format_version`` tags.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = _refusal_detail(path, str(err))
+        if detail is not None:
+            raise CheckpointError(
+                f"checkpoint {path} refused: the file contains a pickled object ({detail}) "
+                "that would execute code on load; it was not loaded"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {err}") from err
+    except Exception as err:
+        # Damaged bytes surface as whatever the parser trips over first (RuntimeError from the
+        # zip reader, EOFError, IndexError, struct.error, ... from the unpickler).
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt, truncated or unreadable: {err}"
+        ) from err
+
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(obj).__name__}, not a dict; it is not a wcl checkpoint"
+        )
+    if obj.get("format") != FORMAT:
+        if allow_foreign:
+            return obj
+        raise CheckpointError(
+            f"{path} is not a wcl checkpoint (no 'format': {FORMAT!r} tag); "
+            "pass allow_foreign=True to load a foreign dict anyway"
+        )
+    version = obj.get("format_version")
+    if type(version) is not int:
+        raise CheckpointError(f"checkpoint {path} has an invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format_version {version}, newer than the version "
+            f"{FORMAT_VERSION} this wcl understands; upgrade wcl to load it"
+        )
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    """Snapshot of the Python, NumPy (global), torch CPU and CUDA (if available) generators.
+
+    Everything is a tensor, int, float, str or None, so it can go in a checkpoint.
+    """
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {
+            "version": py_version,
+            # Mersenne Twister words are < 2**32, so int64 holds them exactly.
+            "state": torch.tensor(py_internal, dtype=torch.int64),
+            "gauss_next": py_gauss,
+        },
+        "numpy": {
+            "bit_generator": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generators captured by ``rng_state`` (tensors may be on any device)."""
+    py = state["python"]
+    py_internal = tuple(int(x) for x in py["state"].tolist())
+    random.setstate((int(py["version"]), py_internal, py["gauss_next"]))
+
+    npy = state["numpy"]
+    np.random.set_state(
+        (
+            npy["bit_generator"],
+            npy["keys"].cpu().numpy().astype(np.uint32),
+            int(npy["pos"]),
+            int(npy["has_gauss"]),
+            float(npy["cached_gaussian"]),
+        )
+    )
+
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+
+    cuda_states = state.get("cuda")
+    if cuda_states is None:
+        return
+    if not torch.cuda.is_available():
+        warnings.warn(
+            "checkpoint has CUDA RNG states but CUDA is not available; they were not restored",
+            stacklevel=2,
+        )
+        return
+    count = torch.cuda.device_count()
+    if len(cuda_states) != count:
+        warnings.warn(
+            f"checkpoint has CUDA RNG states for {len(cuda_states)} devices but {count} are "
+            f"visible; restoring the first {min(count, len(cuda_states))}",
+            stacklevel=2,
+        )
+    for index, device_state in enumerate(cuda_states[:count]):
+        torch.cuda.set_rng_state(device_state.cpu().to(torch.uint8), device=index)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """``run_dir/last.pt`` if that file exists, else None."""
+    candidate = Path(run_dir) / LAST_NAME
+    return candidate if candidate.is_file() else None

@@ -1,0 +1,289 @@
+"""Typed configuration: dataclasses, YAML presets, dotted overrides, validation.
+
+A preset is a YAML file with the sections below; ``base: other.yaml`` (relative to the
+preset) starts from another preset. Overrides are ``section.key=value`` strings whose
+value is read as YAML. Every unknown key and every bad value is an error naming the key,
+raised before any work starts. Batch sizes are *global* (all processes together).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "Config",
+    "PRESET_DIR",
+    "preset_path",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+]
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | stl10 | folder
+    root: str | None = None  # None: the dataset's default location
+    download: bool = False  # opt-in torchvision download (needs internet)
+    image_size: int = 28  # crop size in pixels
+    channels: int = 1  # 1 = greyscale, 3 = RGB
+    workers: int = 2  # DataLoader worker processes per training process
+    subset: int | None = None  # use only the first N training images
+    weak_min_scale: float = 0.2  # RandomResizedCrop lower scale, weak (warm-up) pipeline
+    strong_min_scale: float = 0.08  # the same, strong pipeline
+    jitter: float = 1.0  # multiplies the colour-jitter strengths
+    blur_prob: float = 0.5  # Gaussian blur probability
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    stem: str = "small"  # imagenet (7x7/2 + max-pool) | small (3x3/1, no max-pool)
+    width: int = 64  # channels of the first stage (64 = torchvision)
+    hidden_dim: int = 2048  # projection heads: paper 2048/128, release 4096/256
+    out_dim: int = 128
+    temperature: float = 0.1
+    graph_weight: float = 1.0  # 0 = plain SimCLR
+    graph_k: int = 1  # neighbours per node in the weak-label graph
+    gather: str = "exact"  # exact | release (negatives from other processes without grad)
+    sync_bn: bool = True  # SyncBatchNorm when several processes
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.075  # base lr, scaled by lr_scaling
+    lr_scaling: str = "sqrt"  # sqrt: lr*sqrt(batch) | linear: lr*batch/256 | none
+    final_lr: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    trust_coefficient: float = 1e-3  # LARS
+    warmup_epochs: float = 10.0  # linear warm-up, weak augmentation during it
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 4096  # global batch, all processes together
+    seed: int = 0
+    out_dir: str = "runs/wcl"
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
+    channels_last: bool = True  # on GPU only
+    checkpoint_every: int = 10  # epochs; a checkpoint is always written at the end
+    log_every: int = 10  # steps between metric lines
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CHOICES = {
+    "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
+    "data.channels": (1, 3),
+    "model.backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
+    "model.stem": ("imagenet", "small"),
+    "model.gather": ("exact", "release"),
+    "optim.lr_scaling": ("sqrt", "linear", "none"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.amp": ("auto", "bf16", "off"),
+}
+POSITIVE = [
+    "data.image_size",
+    "model.width",
+    "model.hidden_dim",
+    "model.out_dim",
+    "model.temperature",
+    "model.graph_k",
+    "optim.lr",
+    "train.epochs",
+    "train.batch_size",
+    "train.checkpoint_every",
+    "train.log_every",
+    "data.subset",
+    "train.threads",
+    "data.jitter",
+]
+NON_NEGATIVE = [
+    "data.workers",
+    "model.graph_weight",
+    "optim.final_lr",
+    "optim.momentum",
+    "optim.weight_decay",
+    "optim.trust_coefficient",
+    "optim.warmup_epochs",
+    "data.blur_prob",
+]
+UNIT_INTERVAL = ("data.weak_min_scale", "data.strong_min_scale", "data.blur_prob", "optim.momentum")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Value converted to the annotated type, or ConfigError naming the key."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(
+            f"config key {key!r} must be {hint.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested dicts; unknown keys are errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    cfg = Config()
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section {name!r}; valid sections: {list(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
+        section = getattr(cfg, name)
+        hints = typing.get_type_hints(type(section))
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"unknown config key '{name}.{key}'; valid keys in {name!r}: {sorted(hints)}"
+                )
+            setattr(section, key, _check_type(f"{name}.{key}", value, hints[key]))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks, and the combinations that cannot work."""
+    flat = {f"{s}.{k}": v for s, d in cfg.to_dict().items() for k, v in d.items()}
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"config key {key!r} must be one of {choices}, got {flat[key]!r}")
+    for key in POSITIVE:
+        if flat[key] is not None and flat[key] <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {flat[key]!r}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {flat[key]!r}")
+    for key in UNIT_INTERVAL:
+        if not 0 <= flat[key] <= 1:
+            raise ConfigError(f"config key {key!r} must be in [0, 1], got {flat[key]!r}")
+    if cfg.train.batch_size < 2:
+        raise ConfigError(f"'train.batch_size' must be at least 2, got {cfg.train.batch_size}")
+    if cfg.model.graph_k >= cfg.train.batch_size:
+        raise ConfigError(
+            f"'model.graph_k' ({cfg.model.graph_k}) must be smaller than the global batch "
+            f"'train.batch_size' ({cfg.train.batch_size})"
+        )
+    if cfg.optim.warmup_epochs > cfg.train.epochs:
+        raise ConfigError(
+            f"'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds 'train.epochs' "
+            f"({cfg.train.epochs})"
+        )
+    min_size = 8 if cfg.model.stem == "small" else 32
+    if cfg.data.image_size < min_size:
+        raise ConfigError(
+            f"'data.image_size' {cfg.data.image_size} is too small for stem "
+            f"{cfg.model.stem!r} (needs >= {min_size} px)"
+        )
+    native = {"fashion_mnist": 1, "cifar10": 3, "cifar100": 3, "stl10": 3}.get(cfg.data.dataset)
+    if native is not None and cfg.data.channels != native:
+        raise ConfigError(
+            f"'data.channels' must be {native} for dataset {cfg.data.dataset!r}, "
+            f"got {cfg.data.channels}"
+        )
+    if cfg.data.dataset == "folder" and not cfg.data.root:
+        raise ConfigError("'data.root' must name the image folder when 'data.dataset' is 'folder'")
+    if cfg.data.root and not cfg.data.download and not Path(cfg.data.root).exists():
+        raise ConfigError(f"'data.root' {cfg.data.root!r} does not exist")
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """A YAML file path, or the name of a preset shipped in ``wcl/configs``."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = PRESET_DIR / f"{Path(name_or_path).stem}.yaml"
+    if shipped.exists():
+        return shipped
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file {str(name_or_path)!r} not found; shipped presets: {presets}")
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(out.get(key), dict) and isinstance(value, dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path.resolve() in seen:
+        raise ConfigError(f"config {str(path)!r}: 'base' chain loops back on itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (value parsed as YAML) to nested dicts."""
+    out = _merge({}, raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+        out.setdefault(parts[0], {})
+        if not isinstance(out[parts[0]], dict):
+            raise ConfigError(f"config section {parts[0]!r} must be a mapping")
+        out[parts[0]][parts[1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a preset or YAML file, apply overrides, validate."""
+    return config_from_dict(apply_overrides(_read_yaml(preset_path(path)), overrides or []))

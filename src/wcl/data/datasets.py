@@ -1,0 +1,396 @@
+"""Datasets held as uint8 CxHxW tensors: IDX files, image folders and torchvision datasets.
+
+Nothing here knows about models or augmentations; every dataset returns
+``(uint8 tensor of shape (C, H, W), int target)`` with target ``-1`` for unlabelled samples.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DATASET_NAMES",
+    "DATASET_STATS",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
+    "TensorImageDataset",
+    "build_dataset",
+    "dataset_stats",
+    "load_fashion_mnist",
+    "load_torchvision_dataset",
+    "read_idx",
+]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+FASHION_MNIST_CLASSES: list[str] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+)
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+# Per-channel mean/std of pixel values in [0, 1] over each training set.
+DATASET_STATS: dict[str, Stats] = {
+    # Measured here: all 60000 x 28 x 28 pixels of train-images-idx3-ubyte.gz, divided by 255,
+    # numpy float64 mean and population std (ddof=0), rounded to 4 decimals.
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+# ITU-R BT.601 luma weights, the same ones PIL uses for RGB -> L.
+_LUMA = (0.299, 0.587, 0.114)
+
+# IDX type byte -> big-endian numpy dtype.
+_IDX_DTYPES: dict[int, str] = {
+    0x08: ">u1",
+    0x09: ">i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a native-endian array of its declared shape.
+
+    Gzip is detected from a ``.gz`` suffix or the gzip magic bytes. Raises ``ValueError``
+    naming the file when the header is malformed or the payload is truncated or too long.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if path.suffix == ".gz" or raw[:2] == _GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path}: corrupt or truncated gzip stream ({err})") from err
+
+    if len(raw) < 4:
+        raise ValueError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
+    if raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: bad IDX magic {raw[:4].hex()} (must start with 0000)")
+    type_code, ndim = raw[2], raw[3]
+    if type_code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX element type 0x{type_code:02x}")
+    if ndim == 0:
+        raise ValueError(f"{path}: IDX header declares 0 dimensions")
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} < {header_len} bytes)")
+
+    shape = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[type_code])
+    expected = header_len + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        kind = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise ValueError(
+            f"{path}: IDX payload {kind}: shape {shape} needs {expected} bytes, file has {len(raw)}"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(shape)
+    # astype copies, giving a writable native-endian array independent of `raw`.
+    return data.astype(dtype.newbyteorder("="))
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images ``(N, C, H, W)`` uint8 and targets ``(N,)`` int64 (-1 = unlabelled)."""
+
+    def __init__(
+        self,
+        images: torch.Tensor | np.ndarray,
+        targets: torch.Tensor | np.ndarray | Sequence[int],
+        classes: Sequence[str] = (),
+    ) -> None:
+        images = torch.as_tensor(images)
+        targets = torch.as_tensor(targets, dtype=torch.int64)
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(
+                f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
+        if targets.shape != (images.shape[0],):
+            raise ValueError(
+                f"targets must have shape ({images.shape[0]},), got {tuple(targets.shape)}"
+            )
+        self.images = images
+        self.targets = targets
+        self.classes: list[str] = list(classes)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+def _is_image_file(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _scan_images(directory: Path) -> list[Path]:
+    """All image files under ``directory`` (recursive, hidden entries skipped), sorted by path."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        # Pruning in place stops os.walk from descending into hidden folders (.git, .cache...).
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath, f) for f in filenames if _is_image_file(f))
+    # Sorting on relative POSIX parts keeps the order independent of the OS and of os.walk.
+    return sorted(found, key=lambda p: p.relative_to(directory).parts)
+
+
+def _decode_image(path: str, channels: int) -> torch.Tensor:
+    """Decode an image file to a uint8 tensor ``(channels, H, W)``."""
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageFolderDataset(Dataset):
+    """Images found recursively under ``root``, decoded lazily to uint8 ``(channels, H, W)``.
+
+    Labelled mode: when no image lies directly in ``root``, each top-level sub-folder holding
+    at least one image (at any depth) is a class; targets are 0..C-1 in sorted folder-name
+    order. Unlabelled mode: when any image lies directly in ``root``, every target is -1 and
+    ``classes`` is empty. ``channels`` is 3 (RGB) or 1 (greyscale, PIL "L").
+    """
+
+    def __init__(self, root: str | os.PathLike[str], channels: int = 3) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.root = Path(root)
+        self.channels = channels
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"image folder {self.root} does not exist or is not a directory"
+            )
+        paths = _scan_images(self.root)
+        if not paths:
+            exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise FileNotFoundError(f"no image files ({exts}) found under {self.root}")
+
+        relative = [p.relative_to(self.root).parts for p in paths]
+        if any(len(parts) == 1 for parts in relative):
+            self.classes: list[str] = []
+            targets = [-1] * len(paths)
+        else:
+            self.classes = sorted({parts[0] for parts in relative})
+            index = {name: k for k, name in enumerate(self.classes)}
+            targets = [index[parts[0]] for parts in relative]
+        self.samples: list[tuple[str, int]] = [
+            (str(p), t) for p, t in zip(paths, targets, strict=True)
+        ]
+        self.targets = torch.tensor(targets, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, target = self.samples[index]
+        return _decode_image(path, self.channels), target
+
+
+def _find_file(directories: Sequence[Path], base: str) -> Path | None:
+    """First existing ``base`` or ``base.gz`` in ``directories`` (plain preferred)."""
+    for directory in directories:
+        for name in (base, base + ".gz"):
+            candidate = directory / name
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike[str] | None = None, train: bool = True, download: bool = False
+) -> TensorImageDataset:
+    """Fashion-MNIST from IDX files: images ``(N, 1, 28, 28)`` uint8, targets 0..9.
+
+    Looks in ``root`` (default ``/usr/share/datasets/fashion-mnist``) and in
+    ``root/FashionMNIST/raw`` (torchvision's layout), accepting plain or ``.gz`` files.
+    With ``download=True`` and the files missing, torchvision downloads them into ``root``.
+    """
+    root = Path(root if root is not None else FASHION_MNIST_DIR)
+    prefix = "train" if train else "t10k"
+    bases = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    directories = [root, root / "FashionMNIST" / "raw"]
+
+    found = [_find_file(directories, base) for base in bases]
+    if None in found and download:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(root), train=train, download=True)
+        found = [_find_file(directories, base) for base in bases]
+    for base, path in zip(bases, found, strict=True):
+        if path is None:
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {base}[.gz] not found in {root} (nor in "
+                f"{root / 'FashionMNIST' / 'raw'}). Install it with "
+                "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, files go to "
+                f"{FASHION_MNIST_DIR}), or set `data.download: true` to fetch it with torchvision."
+            )
+    images_path, labels_path = found
+    assert images_path is not None and labels_path is not None
+
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{images_path}: expected uint8 (N, H, W) images, got {images.shape}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(
+            f"{labels_path}: {labels.shape[0] if labels.ndim else 0} labels for "
+            f"{images.shape[0]} images in {images_path}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= len(FASHION_MNIST_CLASSES)):
+        raise ValueError(f"{labels_path}: labels outside 0..{len(FASHION_MNIST_CLASSES) - 1}")
+    return TensorImageDataset(
+        torch.from_numpy(images).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
+        FASHION_MNIST_CLASSES,
+    )
+
+
+def load_torchvision_dataset(
+    name: str, root: str | os.PathLike[str], train: bool = True, download: bool = False
+) -> TensorImageDataset:
+    """CIFAR-10/100 or STL-10 read through torchvision into memory as uint8 ``(N, 3, H, W)``.
+
+    Splits: CIFAR uses torchvision's ``train`` flag. STL-10 uses ``"train+unlabeled"`` (5000
+    labelled + 100000 unlabelled images, the latter with target -1) when ``train`` is true
+    and ``"test"`` otherwise. Downloading is opt-in; a missing dataset raises
+    ``FileNotFoundError`` naming ``root``.
+    """
+    from torchvision import datasets as tvd
+
+    root = str(root)
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cls(root, train=train, download=download)
+            # CIFAR keeps NHWC numpy arrays.
+            images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2)
+            targets = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+        elif name == "stl10":
+            split = "train+unlabeled" if train else "test"
+            ds = tvd.STL10(root, split=split, download=download)
+            # STL-10 is already NCHW; torchvision labels the unlabelled part -1.
+            images = torch.from_numpy(np.ascontiguousarray(ds.data))
+            targets = torch.as_tensor(np.asarray(ds.labels), dtype=torch.int64)
+        else:
+            raise ValueError(
+                f"unknown torchvision dataset {name!r}; valid: cifar10, cifar100, stl10"
+            )
+    except RuntimeError as err:
+        # torchvision reports a missing/corrupt dataset as a bare RuntimeError.
+        if download:
+            raise
+        raise FileNotFoundError(
+            f"{name} not found (or corrupt) under {root}: {err}. "
+            "Set `data.download: true` to fetch it with torchvision."
+        ) from err
+    return TensorImageDataset(images.contiguous(), targets, list(ds.classes))
+
+
+def _split_dir(root: Path, train: bool) -> Path:
+    """Pick ``root/train`` vs ``root/val`` (or ``root/test``) when ``root`` has that layout."""
+    evaluation = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and evaluation is not None:
+        return root / "train" if train else evaluation
+    return root
+
+
+def _need_root(name: str, root: str | None) -> str:
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs a root directory (data.root)")
+    return root
+
+
+_BUILDERS: dict[str, Callable[[str | None, bool, bool, int], Dataset]] = {
+    "fashion_mnist": lambda root, train, download, channels: load_fashion_mnist(
+        root, train, download
+    ),
+    "cifar10": lambda root, train, download, channels: load_torchvision_dataset(
+        "cifar10", _need_root("cifar10", root), train, download
+    ),
+    "cifar100": lambda root, train, download, channels: load_torchvision_dataset(
+        "cifar100", _need_root("cifar100", root), train, download
+    ),
+    "stl10": lambda root, train, download, channels: load_torchvision_dataset(
+        "stl10", _need_root("stl10", root), train, download
+    ),
+    "folder": lambda root, train, download, channels: ImageFolderDataset(
+        _split_dir(Path(_need_root("folder", root)), train), channels
+    ),
+}
+
+DATASET_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def build_dataset(
+    name: str,
+    root: str | None,
+    train: bool = True,
+    download: bool = False,
+    channels: int = 3,
+) -> Dataset:
+    """Build a dataset by name: fashion_mnist, cifar10, cifar100, stl10 or folder.
+
+    ``root=None`` is only valid for fashion_mnist (Debian's install directory).
+    ``channels`` applies to ``folder`` only; the built-in datasets keep their native channel
+    count (fashion_mnist 1, the others 3). For ``folder``: if ``root`` contains a ``train/``
+    sub-directory and a ``val/`` or ``test/`` one, ``train=True`` reads ``root/train`` and
+    ``train=False`` reads ``root/val`` (``root/test`` when there is no ``val/``); otherwise
+    both read ``root`` itself. ``download`` is ignored for ``folder``.
+    """
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    return builder(root, train, download, channels)
+
+
+def dataset_stats(name: str, channels: int | None = None) -> Stats:
+    """Normalisation (mean, std) in [0, 1] units for a dataset name.
+
+    ``folder`` and unknown names fall back to ImageNet statistics. When ``channels`` differs
+    from the stored count, 3 -> 1 uses luma-weighted averages (an approximation) and
+    1 -> 3 repeats the single value.
+    """
+    mean, std = DATASET_STATS.get(name, DATASET_STATS["imagenet"])
+    if channels is None or channels == len(mean):
+        return mean, std
+    if channels == 1 and len(mean) == 3:
+        return (
+            (round(sum(w * m for w, m in zip(_LUMA, mean, strict=True)), 4),),
+            (round(sum(w * s for w, s in zip(_LUMA, std, strict=True)), 4),),
+        )
+    if channels == 3 and len(mean) == 1:
+        return mean * 3, std * 3
+    raise ValueError(f"cannot adapt {len(mean)}-channel stats of {name!r} to {channels} channels")

@@ -1,0 +1,159 @@
+"""Every call that talks to other processes lives here.
+
+One plain process needs no process group: every helper then works on the local tensor
+alone. Under ``torchrun`` (or SLURM ``srun``) the process group is created from the
+environment with ``torch.distributed``; nothing here launches processes or moves bytes
+itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+import torch.distributed.nn.functional as dist_fn
+
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "is_distributed",
+    "world_size",
+    "rank",
+    "is_main",
+    "gather",
+    "gather_no_grad",
+    "all_reduce_mean",
+    "broadcast_object",
+    "barrier",
+    "shutdown",
+]
+
+GATHER_MODES = ("exact", "release")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _slurm_to_torchrun_env() -> None:
+    """Map an ``srun`` task's SLURM variables to the ones ``init_process_group`` reads."""
+    env = os.environ
+    env.setdefault("RANK", env["SLURM_PROCID"])
+    env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
+    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        try:
+            first = subprocess.run(
+                ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
+            ).stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            first = nodes.split(",")[0]  # a single plain host name needs no expansion
+        env["MASTER_ADDR"] = first
+    # A port derived from the job id keeps two jobs on one node apart.
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
+    """Join the process group described by the environment, or run as one process.
+
+    ``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK; an ``srun`` task with SLURM_NTASKS > 1
+    is mapped to those. backend "auto" picks NCCL on CUDA and gloo on CPU.
+    """
+    env = os.environ
+    if "WORLD_SIZE" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        _slurm_to_torchrun_env()
+    world = int(env.get("WORLD_SIZE", "1"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    if world > 1 and not tdist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        tdist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank(), world_size(), local_rank, dev)
+
+
+def is_distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def gather(x: torch.Tensor, mode: str = "exact") -> tuple[torch.Tensor, int]:
+    """Concatenate ``x`` (b, ...) from every process along dim 0: ((W*b, ...), offset).
+
+    ``offset`` = rank * b is where this process's rows sit. mode "exact": the all-gather
+    carries gradient (backward sums every process's gradient for each slice), so W
+    processes compute the same update as one process with the whole batch. mode
+    "release": the other processes' rows carry no gradient, as in the authors' code.
+    """
+    if mode not in GATHER_MODES:
+        raise ValueError(f"gather mode must be one of {GATHER_MODES}, got {mode!r}")
+    if not is_distributed():
+        return x, 0
+    offset = rank() * x.shape[0]
+    if mode == "exact":
+        return torch.cat(dist_fn.all_gather(x)), offset
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    tdist.all_gather(parts, x.detach().contiguous())
+    parts[rank()] = x
+    return torch.cat(parts), offset
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 without gradient (labels, statistics)."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    tdist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over processes (a copy; the input is untouched)."""
+    if not is_distributed():
+        return x
+    y = x.detach().clone()
+    tdist.all_reduce(y, op=tdist.ReduceOp.SUM)
+    return y / world_size()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s Python object on every process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_distributed():
+        tdist.barrier()
+
+
+def shutdown() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()

@@ -1,0 +1,130 @@
+"""Weak labels: connected components of the nearest-neighbour graph of a batch.
+
+WCL joins every sample to its nearest neighbour (by dot product of the ``phi`` head's
+features) and takes the connected components of that undirected graph as weak labels.
+For k=1 the graph is a *functional graph* (one outgoing edge per node): every weakly
+connected component holds exactly one cycle, so a component can be named by its cycle.
+Pointer jumping finds each node's cycle in ceil(log2 N) rounds of gathers, with no data-
+dependent control flow, so the whole labelling runs on the device with no host round trip.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "nearest_neighbours",
+    "components_of_functional_graph",
+    "weak_labels",
+    "weak_label_stats",
+]
+
+
+def nearest_neighbours(p: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Indices of the k most similar other rows of ``p`` (N, d) by dot product: (N, k).
+
+    Ties go to the lower index (``argmax``/``topk`` on the same row order), which makes
+    the result deterministic; self is never chosen.
+    """
+    n = p.shape[0]
+    if n < 2:
+        raise ValueError(f"weak labels need at least 2 rows, got {n}")
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, N-1] = [1, {n - 1}], got k={k}")
+    sim = p @ p.T
+    # (a+b)/2 is exactly symmetric in floating point, so i->j and j->i see the same score
+    # even when the matmul kernel rounds the two triangles differently.
+    sim = (sim + sim.T) / 2
+    sim.fill_diagonal_(float("-inf"))
+    if k == 1:
+        return sim.argmax(dim=1, keepdim=True)
+    return sim.topk(k, dim=1, sorted=True).indices
+
+
+def components_of_functional_graph(nxt: torch.Tensor) -> torch.Tensor:
+    """Component ids of the undirected graph with edges {i, nxt[i]}.
+
+    ``nxt`` (N,) long, any values in [0, N). Returns (N,) long: for each node the smallest
+    node index of its connected component. O(N log N) work, no host synchronisation.
+    """
+    n = nxt.shape[0]
+    idx = torch.arange(n, device=nxt.device)
+    jump = nxt.clone()
+    # Invariant after r rounds: jump[i] = f^(2^r)(i), low[i] = min of i, f(i), ..., f^(2^r - 1)(i).
+    low = idx.clone()
+    for _ in range(max(1, math.ceil(math.log2(n)))):
+        low = torch.minimum(low, low[jump])
+        jump = jump[jump]
+    # After 2^R >= N steps every walk has entered its component's only cycle, and a walk
+    # of length >= N from a cycle node visits the whole cycle: low[jump[i]] is the
+    # smallest index on i's cycle, a name shared by exactly the nodes of i's component.
+    cycle_name = low[jump]
+    smallest = torch.full((n,), n, dtype=torch.long, device=nxt.device)
+    smallest = smallest.scatter_reduce(0, cycle_name, idx, reduce="amin")
+    return smallest[cycle_name]
+
+
+def _components_by_propagation(edges_from: torch.Tensor, edges_to: torch.Tensor, n: int):
+    """Component ids (smallest member index) of an undirected edge list, on the device.
+
+    Min-label propagation with pointer jumping; loops until nothing changes, which needs
+    one host synchronisation per round (used for k > 1 only).
+    """
+    labels = torch.arange(n, device=edges_from.device)
+    src = torch.cat([edges_from, edges_to])
+    dst = torch.cat([edges_to, edges_from])
+    while True:
+        proposal = labels.scatter_reduce(0, dst, labels[src], reduce="amin")
+        # Hook each old root onto the smallest label seen by any of its members.
+        proposal = proposal.scatter_reduce(0, labels, proposal, reduce="amin")
+        proposal = proposal[proposal]
+        while True:
+            jumped = proposal[proposal]
+            if torch.equal(jumped, proposal):
+                break
+            proposal = jumped
+        if torch.equal(proposal, labels):
+            return labels
+        labels = proposal
+
+
+def weak_labels(p: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Weak labels of the rows of ``p`` (N, d): connected components of the symmetric kNN graph.
+
+    Each row is joined to its k most similar other rows (dot product; pass L2-normalised
+    rows for cosine similarity); edges are undirected. Returns (N,) long where each row
+    holds the smallest row index of its component. Runs on ``p``'s device; for k=1 it never
+    synchronises with the host. Gradients do not flow (labels are discrete).
+    """
+    with torch.no_grad():
+        nn_idx = nearest_neighbours(p.detach(), k)
+        if k == 1:
+            return components_of_functional_graph(nn_idx[:, 0])
+        n = p.shape[0]
+        rows = torch.arange(n, device=p.device).repeat_interleave(k)
+        return _components_by_propagation(rows, nn_idx.reshape(-1), n)
+
+
+def weak_label_stats(
+    labels: torch.Tensor, targets: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Statistics of weak labels (N,) as 0-d float tensors, without host synchronisation.
+
+    ``components``: number of components; ``component_size``: mean members per component;
+    with true ``targets`` (N,) (negative = unknown): ``precision``, the fraction of weak
+    positive pairs (i != j, same component, both labelled) whose true classes agree.
+    """
+    n = labels.shape[0]
+    idx = torch.arange(n, device=labels.device)
+    components = (labels == idx).sum().float()  # one root (smallest member) per component
+    stats = {"components": components, "component_size": n / components}
+    if targets is not None:
+        targets = targets.to(labels.device)
+        known = targets >= 0
+        pair = (labels[:, None] == labels[None, :]) & (known[:, None] & known[None, :])
+        pair.fill_diagonal_(False)
+        agree = pair & (targets[:, None] == targets[None, :])
+        stats["precision"] = agree.sum().float() / pair.sum().clamp(min=1).float()
+    return stats

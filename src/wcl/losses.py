@@ -1,0 +1,135 @@
+"""WCL's two losses: instance discrimination (NT-Xent) and the swapped weak-label loss.
+
+Both take the *local* anchors of this process and, optionally, the *global* candidates
+gathered from every process (``wcl.dist.gather``), with ``offset`` the row where this
+process's samples start in the global batch. Without the optional arguments they are the
+single-process losses. Both compute in float32 with autocast off and use log-sum-exp, so
+they are stable when the network runs under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from wcl.graph import weak_labels
+
+__all__ = ["instance_loss", "supervised_contrastive_loss", "weak_label_loss"]
+
+
+def _float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Half-precision inputs up to float32; float32/float64 stay as they are."""
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for the loss arithmetic (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _drop(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``logits`` with entries (rows[i], cols[i]) set to -inf (an anchor's own column)."""
+    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    return logits.index_put((rows, cols), minus_inf)
+
+
+def instance_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.1,
+    *,
+    z1_all: torch.Tensor | None = None,
+    z2_all: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """NT-Xent over two views, mean over the 2b local anchors.
+
+    z1, z2: (b, d) L2-normalised embeddings of the two views of the same b images.
+    z1_all, z2_all: (N, d) the same for the global batch (defaults: z1, z2), holding
+    z1/z2 at rows [offset, offset + b). Each anchor's positive is the other view of its
+    image; every other of the 2N candidates but itself is a negative.
+    """
+    z1_all = z1 if z1_all is None else z1_all
+    z2_all = z2 if z2_all is None else z2_all
+    b, n = z1.shape[0], z1_all.shape[0]
+    with _no_autocast(z1.device):
+        z1, z2, z1_all, z2_all = _float32(z1, z2, z1_all, z2_all)
+        anchors = torch.cat([z1, z2])
+        logits = anchors @ torch.cat([z1_all, z2_all]).T / temperature  # (2b, 2N)
+        local = torch.arange(b, device=z1.device) + offset
+        self_col = torch.cat([local, local + n])
+        positive_col = torch.cat([local + n, local])
+        rows = torch.arange(2 * b, device=z1.device)
+        logits = _drop(logits, rows, self_col)
+        return F.cross_entropy(logits, positive_col)
+
+
+def supervised_contrastive_loss(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 0.1,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Supervised contrast, mean-log-probability-over-positives form, self excluded.
+
+    anchors: (b, d), candidates: (N, d) with the anchors at rows [offset, offset + b);
+    labels: (N,) long component ids in [0, N) of the candidates. For anchor i:
+    loss_i = -mean_{j != i, labels_j = labels_i} (s_ij - logsumexp_{k != i} s_ik),
+    s = anchors @ candidates.T / temperature. Anchors without a positive are left out.
+
+    The positives' mean is taken through per-label sums of candidate vectors
+    (sum_j s_ij = a_i . sum_j c_j / t), so no N x N label mask is ever built.
+    """
+    b, n = anchors.shape[0], candidates.shape[0]
+    with _no_autocast(anchors.device):
+        anchors, candidates = _float32(anchors, candidates)
+        rows = torch.arange(b, device=anchors.device)
+        own = rows + offset
+        logits = anchors @ candidates.T / temperature  # (b, N)
+        logits = _drop(logits, rows, own)
+        log_denominator = torch.logsumexp(logits, dim=1)
+
+        label_sum = torch.zeros_like(candidates).index_add(0, labels, candidates)
+        ones = torch.ones(n, dtype=candidates.dtype, device=labels.device)
+        label_count = torch.zeros_like(ones).index_add(0, labels, ones)
+        anchor_labels = labels[own]
+        positives_sum = label_sum[anchor_labels] - candidates[own]
+        num_positives = label_count[anchor_labels] - 1
+        positive_logit_sum = (anchors * positives_sum).sum(dim=1) / temperature
+        has_positive = num_positives > 0
+        mean_log_prob = positive_logit_sum / num_positives.clamp(min=1) - log_denominator
+        per_anchor = torch.where(has_positive, -mean_log_prob, torch.zeros_like(mean_log_prob))
+        return per_anchor.sum() / has_positive.sum().clamp(min=1)
+
+
+def weak_label_loss(
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    temperature: float = 0.1,
+    *,
+    p1_all: torch.Tensor | None = None,
+    p2_all: torch.Tensor | None = None,
+    offset: int = 0,
+    k: int = 1,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """WCL's graph loss: weak labels from each view, used swapped on the other view.
+
+    p1, p2: (b, d) L2-normalised ``phi``-head embeddings of the two views; p1_all, p2_all:
+    (N, d) global batch (defaults: p1, p2). Labels L1 = weak_labels(p1_all), L2 from
+    p2_all (or ``labels`` = (L1, L2) if already computed). Returns
+    (supcon(view 1 with L2) + supcon(view 2 with L1)) / 2; contrast stays within a view.
+    """
+    p1_all = p1 if p1_all is None else p1_all
+    p2_all = p2 if p2_all is None else p2_all
+    if labels is None:
+        labels = (weak_labels(p1_all, k), weak_labels(p2_all, k))
+    labels1, labels2 = labels
+    loss1 = supervised_contrastive_loss(p1, p1_all, labels2, temperature, offset)
+    loss2 = supervised_contrastive_loss(p2, p2_all, labels1, temperature, offset)
+    return (loss1 + loss2) / 2

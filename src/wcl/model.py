@@ -1,0 +1,102 @@
+"""The WCL model: one backbone, two projection heads, both losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wcl import dist
+from wcl.graph import weak_label_stats, weak_labels
+from wcl.losses import instance_loss, weak_label_loss
+
+__all__ = ["WCL", "projection_head"]
+
+
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear -> BN -> ReLU -> Linear -> BN -> ReLU -> Linear (no BN on the output)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+class WCL(nn.Module):
+    """Backbone f with heads g (instance discrimination) and phi (weak labels).
+
+    ``forward(x1, x2, targets=None)`` takes the two augmented views (B, C, H, W) of the
+    same B images and returns a dict of 0-d tensors: ``loss`` = instance_loss +
+    graph_weight * graph_loss, ``instance_loss``, ``graph_loss``, and the weak-label
+    statistics ``components`` (count over the global batch, mean of both views),
+    ``component_size`` (mean members per component) and, when ``targets`` (B,) are given,
+    ``precision`` (fraction of weak positive pairs that share a true class).
+    graph_weight 0 is plain SimCLR (the ``phi`` head then gets no gradient).
+    Nothing in forward synchronises with the host (k=1).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        temperature: float = 0.1,
+        graph_weight: float = 1.0,
+        k: int = 1,
+        gather_mode: str = "exact",
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.g = projection_head(feature_dim, hidden_dim, out_dim)
+        # SimCLR (weight 0) has no phi head, so every parameter gets a gradient (DDP needs it).
+        self.phi = projection_head(feature_dim, hidden_dim, out_dim) if graph_weight > 0 else None
+        self.temperature = temperature
+        self.graph_weight = graph_weight
+        self.k = k
+        self.gather_mode = gather_mode
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """L2-normalised (z, p) of one view: (B, out_dim) each; p is None without phi."""
+        h = self.backbone(x)
+        p = None if self.phi is None else F.normalize(self.phi(h), dim=1)
+        return F.normalize(self.g(h), dim=1), p
+
+    def forward(
+        self, x1: torch.Tensor, x2: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        # One pass per view keeps BatchNorm statistics per view, as SimCLR and the release do.
+        z1, p1 = self.embed(x1)
+        z2, p2 = self.embed(x2)
+        z1_all, offset = dist.gather(z1, self.gather_mode)
+        z2_all, _ = dist.gather(z2, self.gather_mode)
+        out = {
+            "instance_loss": instance_loss(
+                z1, z2, self.temperature, z1_all=z1_all, z2_all=z2_all, offset=offset
+            )
+        }
+        if self.phi is not None:
+            p1_all, _ = dist.gather(p1, self.gather_mode)
+            p2_all, _ = dist.gather(p2, self.gather_mode)
+            # Every process builds the same labels from the same gathered features.
+            labels = (weak_labels(p1_all, self.k), weak_labels(p2_all, self.k))
+            out["graph_loss"] = weak_label_loss(
+                p1,
+                p2,
+                self.temperature,
+                p1_all=p1_all,
+                p2_all=p2_all,
+                offset=offset,
+                labels=labels,
+            )
+            all_targets = None if targets is None else dist.gather_no_grad(targets)
+            stats = [weak_label_stats(lab, all_targets) for lab in labels]
+            out.update({key: (stats[0][key] + stats[1][key]) / 2 for key in stats[0]})
+        else:
+            out["graph_loss"] = torch.zeros((), device=x1.device)
+        out["loss"] = out["instance_loss"] + self.graph_weight * out["graph_loss"]
+        return out

@@ -1,0 +1,86 @@
+"""Config loading, overrides and validation errors that name the key."""
+
+import pytest
+import yaml
+
+from wcl.config import PRESET_DIR, Config, ConfigError, config_from_dict, load_config
+
+
+def test_every_shipped_preset_loads(tmp_path):
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    assert {"imagenet-r50-100ep", "imagenet-r50-200ep", "imagenet-r50-800ep", "cifar10-r18"} <= set(
+        names
+    )
+    assert "fashion-mnist-demo" in names
+    for name in names:
+        cfg = load_config(name, [f"data.root={tmp_path}"] if "fashion" not in name else [])
+        assert isinstance(cfg, Config)
+
+
+def test_release_recipe_values(tmp_path):
+    cfg = load_config("imagenet-r50-200ep", [f"data.root={tmp_path}"])
+    assert (cfg.model.backbone, cfg.model.hidden_dim, cfg.model.out_dim) == ("resnet50", 4096, 256)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (200, 4096, 0.075)
+    assert (cfg.optim.weight_decay, cfg.optim.warmup_epochs, cfg.model.temperature) == (
+        1e-6,
+        10.0,
+        0.1,
+    )
+    paper = load_config("imagenet-r50-100ep-paper", [f"data.root={tmp_path}"])
+    assert (paper.model.hidden_dim, paper.model.out_dim, paper.train.epochs) == (2048, 128, 100)
+
+
+def test_overrides_and_base_chain(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        yaml.safe_dump({"train": {"epochs": 7, "batch_size": 64}, "optim": {"warmup_epochs": 1}})
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ntrain:\n  epochs: 9\n")
+    cfg = load_config(child, ["optim.lr=0.5", "model.sync_bn=false", "data.subset=100"])
+    assert (cfg.train.epochs, cfg.train.batch_size) == (9, 64)
+    assert (cfg.optim.lr, cfg.model.sync_bn, cfg.data.subset) == (0.5, False, 100)
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"optim": {"lrr": 1.0}}, "optim.lrr"),
+        ({"optimiser": {}}, "optimiser"),
+        ({"train": {"epochs": "ten"}}, "train.epochs"),
+        ({"train": {"epochs": 0}}, "train.epochs"),
+        ({"train": {"epochs": True}}, "train.epochs"),
+        ({"model": {"backbone": "vgg"}}, "model.backbone"),
+        ({"model": {"gather": "fast"}}, "model.gather"),
+        ({"optim": {"lr": float("nan")}}, "optim.lr"),
+        ({"optim": {"momentum": 1.5}}, "optim.momentum"),
+        ({"data": {"channels": 2}}, "data.channels"),
+        ({"model": {"graph_k": 8}, "train": {"batch_size": 8}}, "model.graph_k"),
+        ({"data": {"image_size": 16}, "model": {"stem": "imagenet"}}, "data.image_size"),
+        ({"data": {"dataset": "folder"}}, "data.root"),
+        ({"data": {"channels": 3}}, "data.channels"),
+        ({"data": {"dataset": "cifar10", "channels": 1}}, "data.channels"),
+        ({"data": {"root": "/no/such/dir"}}, "data.root"),
+        ({"optim": {"warmup_epochs": 20}, "train": {"epochs": 10}}, "optim.warmup_epochs"),
+    ],
+)
+def test_validation_errors_name_the_key(raw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict(raw)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("fashion-mnist-demo", ["epochs=3"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_int_accepted_for_float_and_round_trip():
+    cfg = config_from_dict({"optim": {"lr": 1}})
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert config_from_dict(cfg.to_dict()) == cfg

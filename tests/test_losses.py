@@ -1,0 +1,134 @@
+"""Each loss against its formula written out with loops in float64, and gradcheck."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wcl.graph import weak_labels
+from wcl.losses import instance_loss, supervised_contrastive_loss, weak_label_loss
+
+
+def unit_rows(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+
+
+def nt_xent_by_hand(z1, z2, t):
+    """REFERENCE.md: 2N anchors, self removed, positive = other view, mean of -log p."""
+    z = torch.cat([z1, z2]).tolist()
+    n = len(z1)
+    total = 0.0
+    for a in range(2 * n):
+        positive = a + n if a < n else a - n
+        sims = {c: sum(x * y for x, y in zip(z[a], z[c], strict=True)) / t for c in range(2 * n)}
+        denominator = sum(math.exp(s) for c, s in sims.items() if c != a)
+        total += -math.log(math.exp(sims[positive]) / denominator)
+    return total / (2 * n)
+
+
+def supcon_by_hand(p, labels, t):
+    """Mean over positives j != i (same label) of -log(exp(s_ij) / sum_{k != i} exp(s_ik))."""
+    rows = p.tolist()
+    n = len(rows)
+    total, anchors = 0.0, 0
+    for i in range(n):
+        sims = [sum(x * y for x, y in zip(rows[i], rows[k], strict=True)) / t for k in range(n)]
+        denominator = sum(math.exp(s) for k, s in enumerate(sims) if k != i)
+        positives = [j for j in range(n) if j != i and labels[j] == labels[i]]
+        if not positives:
+            continue
+        total += -sum(math.log(math.exp(sims[j]) / denominator) for j in positives) / len(positives)
+        anchors += 1
+    return total / anchors
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5])
+def test_instance_loss_formula(t):
+    z1, z2 = unit_rows(12, 5, 0), unit_rows(12, 5, 1)
+    assert instance_loss(z1, z2, t).item() == pytest.approx(nt_xent_by_hand(z1, z2, t), abs=1e-6)
+
+
+def test_supervised_contrastive_formula_with_singletons():
+    p = unit_rows(15, 4, 2)
+    labels = torch.tensor([0, 0, 0, 3, 3, 5, 6, 6, 6, 6, 10, 10, 12, 12, 14])  # 5, 14 alone
+    got = supervised_contrastive_loss(p, p, labels, 0.1)
+    assert got.item() == pytest.approx(supcon_by_hand(p, labels.tolist(), 0.1), abs=1e-6)
+
+
+def test_weak_label_loss_formula_with_swap():
+    p1, p2 = unit_rows(20, 3, 3), unit_rows(20, 3, 4)
+    labels1, labels2 = weak_labels(p1).tolist(), weak_labels(p2).tolist()
+    assert labels1 != labels2  # otherwise the swap would go untested
+    expected = (supcon_by_hand(p1, labels2, 0.1) + supcon_by_hand(p2, labels1, 0.1)) / 2
+    assert weak_label_loss(p1, p2, 0.1).item() == pytest.approx(expected, abs=1e-6)
+    unswapped = (supcon_by_hand(p1, labels1, 0.1) + supcon_by_hand(p2, labels2, 0.1)) / 2
+    assert abs(unswapped - expected) > 1e-3
+
+
+def test_gradcheck():
+    z1 = unit_rows(6, 4, 5).requires_grad_()
+    z2 = unit_rows(6, 4, 6).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: instance_loss(a, b, 0.2), (z1, z2))
+    labels = torch.tensor([0, 0, 2, 2, 2, 5])
+    assert torch.autograd.gradcheck(lambda a: supervised_contrastive_loss(a, a, labels, 0.2), (z1,))
+    labels2 = torch.tensor([0, 1, 0, 1, 4, 4])
+    assert torch.autograd.gradcheck(
+        lambda a, b: weak_label_loss(a, b, 0.2, labels=(labels, labels2)), (z1, z2)
+    )
+
+
+def test_split_batch_equals_whole_batch():
+    """Local anchors against global candidates, averaged over 'processes', equal one process."""
+    z1, z2 = unit_rows(16, 8, 7), unit_rows(16, 8, 8)
+    whole_inst = instance_loss(z1, z2)
+    whole_graph = weak_label_loss(z1, z2)
+    parts_inst, parts_graph = [], []
+    for offset in (0, 4, 8, 12):
+        s = slice(offset, offset + 4)
+        parts_inst.append(instance_loss(z1[s], z2[s], z1_all=z1, z2_all=z2, offset=offset))
+        parts_graph.append(weak_label_loss(z1[s], z2[s], p1_all=z1, p2_all=z2, offset=offset))
+    assert torch.stack(parts_inst).mean().item() == pytest.approx(whole_inst.item(), abs=1e-12)
+    assert torch.stack(parts_graph).mean().item() == pytest.approx(whole_graph.item(), abs=1e-12)
+
+
+def test_stable_under_bf16_autocast():
+    """Under bf16 autocast the losses compute in float32: from bf16 features they give what
+    float32 arithmetic on the same (rounded) features gives, finite even at t = 0.02."""
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(64, 32, generator=g), dim=1)
+    z1, z2 = z, F.normalize(z + 0.01 * torch.randn(64, 32, generator=g), dim=1)
+    w = torch.randn(32, 32, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = z1 @ w, z2 @ w
+        assert a.dtype == torch.bfloat16
+        labels = (weak_labels(a), weak_labels(b))
+        inst = instance_loss(a, b, 0.02)
+        graph = weak_label_loss(a, b, 0.02, labels=labels)
+    ref_inst = instance_loss(a.float(), b.float(), 0.02)
+    ref_graph = weak_label_loss(a.float(), b.float(), 0.02, labels=labels)
+    assert inst.dtype == graph.dtype == torch.float32
+    assert torch.isfinite(inst) and torch.isfinite(graph)
+    assert inst.item() == pytest.approx(ref_inst.item(), rel=1e-6)
+    assert graph.item() == pytest.approx(ref_graph.item(), rel=1e-6)
+    (inst + graph).backward()
+    assert torch.isfinite(w.grad).all()
+
+
+def test_losses_have_no_value_dependent_host_code():
+    z1, z2 = torch.empty(32, 8, device="meta"), torch.empty(32, 8, device="meta")
+    assert instance_loss(z1, z2).shape == ()
+    assert weak_label_loss(z1, z2).shape == ()
+
+
+def test_tight_clusters_reach_the_analytic_minimum():
+    """16 near-identical rows per orthogonal cluster: components never cross clusters, and
+    each anchor's 15 cluster mates (similarity 1) and 48 others (similarity 0) give
+    -log p = log(15 + 48 exp(-1/t)) for every positive, whatever the partition inside."""
+    centres = torch.eye(16, dtype=torch.float64)[:4]
+    noise = 1e-4 * unit_rows(64, 16, 10)
+    p = F.normalize(centres.repeat_interleave(16, 0) + noise, dim=1)
+    assert (weak_labels(p) // 16 == torch.arange(64) // 16).all()
+    expected = math.log(15 + 48 * math.exp(-10))
+    assert weak_label_loss(p, p).item() == pytest.approx(expected, abs=1e-3)

@@ -1,0 +1,88 @@
+"""The WCL module and its backbones."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from wcl.backbones import build_backbone
+from wcl.graph import weak_label_stats, weak_labels
+from wcl.losses import instance_loss, weak_label_loss
+from wcl.model import WCL
+
+
+def tiny_wcl(**kwargs) -> WCL:
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet10", stem="small", in_channels=1, width=8)
+    return WCL(backbone, backbone.feature_dim, hidden_dim=32, out_dim=16, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_backbone_is_torchvision_resnet(name):
+    ours = build_backbone(name)
+    reference = getattr(torchvision.models, name)()
+    state = ours.state_dict()
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert unexpected == [] and sorted(missing) == ["fc.bias", "fc.weight"]
+    reference.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    ours.eval(), reference.eval()
+    with torch.no_grad():
+        assert torch.allclose(ours(x), reference(x), atol=1e-6)
+    assert ours(x).shape == (2, ours.feature_dim) == (2, 512 if name == "resnet18" else 2048)
+
+
+def test_small_stem_width_and_greyscale():
+    net = build_backbone("resnet18", stem="small", in_channels=1, width=16)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, torch.nn.Identity)
+    assert net.feature_dim == 128
+    out = net(torch.randn(4, 1, 28, 28))
+    assert out.shape == (4, 128)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("vgg11")
+
+
+def test_forward_composes_the_published_losses():
+    model = tiny_wcl(temperature=0.2, graph_weight=0.5)
+    x1, x2 = torch.randn(12, 1, 28, 28), torch.randn(12, 1, 28, 28)
+    targets = torch.randint(0, 3, (12,))
+    torch.manual_seed(1)
+    out = model(x1, x2, targets)
+    model.train()
+    z1, p1 = model.embed(x1)
+    z2, p2 = model.embed(x2)
+    assert torch.allclose(out["instance_loss"], instance_loss(z1, z2, 0.2), atol=1e-6)
+    assert torch.allclose(out["graph_loss"], weak_label_loss(p1, p2, 0.2), atol=1e-6)
+    assert torch.allclose(out["loss"], out["instance_loss"] + 0.5 * out["graph_loss"])
+    stats = [weak_label_stats(weak_labels(p), targets) for p in (p1, p2)]
+    for key in ("components", "component_size", "precision"):
+        assert out[key].item() == pytest.approx((stats[0][key] + stats[1][key]).item() / 2)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_simclr_baseline_has_no_phi_head():
+    model = tiny_wcl(graph_weight=0.0)
+    assert model.phi is None
+    out = model(torch.randn(8, 1, 28, 28), torch.randn(8, 1, 28, 28))
+    assert out["graph_loss"].item() == 0.0
+    assert torch.equal(out["loss"], out["instance_loss"])
+    assert "components" not in out
+
+
+def test_two_forward_passes_keep_batchnorm_statistics_per_view():
+    """BN sees each view alone: a view's features don't depend on the other view."""
+    model = tiny_wcl()
+    x1 = torch.randn(8, 1, 28, 28)
+    z_a, _ = model.embed(x1)
+    z_b, _ = model.embed(torch.cat([x1, 5 + torch.randn(8, 1, 28, 28)]))
+    assert torch.allclose(F.normalize(z_a), z_a)
+    assert not torch.allclose(z_a, z_b[:8], atol=1e-3)  # a joint pass would change them
+
+
+def test_forward_has_no_value_dependent_host_code():
+    model = tiny_wcl().to("meta")
+    x = torch.empty(16, 1, 28, 28, device="meta")
+    out = model(x, x, torch.empty(16, dtype=torch.long, device="meta"))
+    assert out["loss"].shape == ()

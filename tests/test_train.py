@@ -1,0 +1,139 @@
+"""Real short pre-training runs on the committed Fashion-MNIST fixture."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from wcl.checkpoint import load_checkpoint
+from wcl.cli import main
+from wcl.config import ConfigError, load_config
+from wcl.train import pretrain
+
+FIXTURE = Path(__file__).parent / "fixtures" / "fashion-idx"
+
+
+def tiny_config(out_dir, *extra):
+    return load_config(
+        "fashion-mnist-demo",
+        [
+            f"data.root={FIXTURE}",
+            "data.workers=0",
+            "model.backbone=resnet10",
+            "model.width=8",
+            "model.hidden_dim=32",
+            "model.out_dim=16",
+            "train.epochs=3",
+            "train.batch_size=64",
+            "train.checkpoint_every=1",
+            "train.log_every=2",
+            "optim.warmup_epochs=1",
+            f"train.out_dir={out_dir}",
+            *extra,
+        ],
+    )
+
+
+def final_weights(run_dir):
+    return load_checkpoint(Path(run_dir) / "last.pt")["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    pretrain(tiny_config(out))
+    return out
+
+
+def test_run_writes_config_metrics_and_checkpoints(full_run):
+    saved = yaml.safe_load((full_run / "config.yaml").read_text())
+    assert saved["train"]["batch_size"] == 64 and saved["data"]["root"] == str(FIXTURE)
+    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    # 300 images // 64 = 4 steps an epoch; a line every 2 steps.
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    for key in (
+        "loss",
+        "instance_loss",
+        "graph_loss",
+        "lr",
+        "components",
+        "component_size",
+        "precision",
+        "images_per_s",
+    ):
+        assert all(key in r for r in rows), key
+    assert rows[0]["lr"] == pytest.approx(0.075 * 8 * 1 / 4)  # warm-up: step 1 of 4
+    assert all(2 <= r["component_size"] <= 64 and 0 <= r["precision"] <= 1 for r in rows)
+    for epoch in (1, 2, 3):
+        ckpt = load_checkpoint(full_run / f"epoch-{epoch:04d}.pt")
+        assert (ckpt["epoch"], ckpt["step"]) == (epoch, 4 * epoch)
+    assert_same_weights(
+        final_weights(full_run), load_checkpoint(full_run / "epoch-0003.pt")["model"]
+    )
+
+
+def test_resume_from_a_checkpoint_is_exact(full_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    pretrain(tiny_config(resumed), resume=str(full_run / "epoch-0001.pt"))
+    assert_same_weights(final_weights(resumed), final_weights(full_run))
+    ours = load_checkpoint(resumed / "last.pt")
+    theirs = load_checkpoint(full_run / "last.pt")
+    assert ours["step"] == theirs["step"] == 12
+    for index, buffers in theirs["optimizer"]["state"].items():
+        assert torch.equal(
+            ours["optimizer"]["state"][index]["momentum_buffer"], buffers["momentum_buffer"]
+        )
+
+
+def test_resume_auto_continues_the_run_directory(full_run, tmp_path):
+    run = tmp_path / "auto"
+    run.mkdir()
+    shutil.copy(full_run / "config.yaml", run / "config.yaml")
+    shutil.copy(full_run / "epoch-0002.pt", run / "last.pt")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        pretrain(tiny_config(run))
+    pretrain(tiny_config(run), resume="auto")
+    assert_same_weights(final_weights(run), final_weights(full_run))
+
+
+def test_data_loader_workers_do_not_change_the_result(full_run, tmp_path):
+    """Augmentation randomness is a function of (seed, epoch, index) alone."""
+    run = tmp_path / "workers"
+    pretrain(tiny_config(run, "data.workers=2"))
+    assert_same_weights(final_weights(run), final_weights(full_run))
+
+
+def test_simclr_baseline_and_cli(tmp_path, capsys):
+    run = tmp_path / "simclr"
+    args = ["pretrain", "--config", "fashion-mnist-demo"]
+    overrides = [
+        f"data.root={FIXTURE}",
+        "data.workers=0",
+        "model.width=8",
+        "model.hidden_dim=32",
+        "train.epochs=1",
+        "optim.warmup_epochs=0",
+        "train.batch_size=100",
+        "model.graph_weight=0",
+        f"train.out_dir={run}",
+    ]
+    assert main(args + [x for o in overrides for x in ("--set", o)]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["graph_loss"] == 0 and r["loss"] == r["instance_loss"] for r in rows)
+    assert "phi.0.weight" not in final_weights(run)
+    assert main(args + ["--set", "optim.lr=-1"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+def test_batch_larger_than_data_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        pretrain(tiny_config(tmp_path / "big", "train.batch_size=512"))
