@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -29,10 +29,13 @@ __all__ = [
     "preset_path",
     "load_config",
     "config_from_dict",
+    "sections_from_dict",
+    "read_config",
     "apply_overrides",
 ]
 
 PRESET_DIR = Path(__file__).parent / "configs"
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -162,12 +165,16 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a Config from nested dicts; unknown keys are errors."""
+def sections_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
+    """An instance of ``cls`` (a dataclass of dataclass sections) from nested dicts.
+
+    Unknown sections and keys, and values of the wrong type, are ConfigErrors naming
+    the key. Range checks are the caller's (see :func:`validate`).
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
-    cfg = Config()
-    sections = {f.name: f for f in dataclasses.fields(Config)}
+    cfg = cls()
+    sections = {f.name: f for f in dataclasses.fields(cls)}
     for name, values in raw.items():
         if name not in sections:
             raise ConfigError(f"unknown config section {name!r}; valid sections: {list(sections)}")
@@ -181,6 +188,12 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
                     f"unknown config key '{name}.{key}'; valid keys in {name!r}: {sorted(hints)}"
                 )
             setattr(section, key, _check_type(f"{name}.{key}", value, hints[key]))
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a pre-training Config from nested dicts."""
+    cfg = sections_from_dict(Config, raw)
     validate(cfg)
     return cfg
 
@@ -284,6 +297,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+def read_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Nested dicts of a preset or YAML file (``base`` chain resolved) with overrides applied."""
+    return apply_overrides(_read_yaml(preset_path(path)), overrides or [])
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a preset or YAML file, apply overrides, validate."""
-    return config_from_dict(apply_overrides(_read_yaml(preset_path(path)), overrides or []))
+    """Read a pre-training preset or YAML file, apply overrides, validate."""
+    return config_from_dict(read_config(path, overrides))
