@@ -89,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/wcl"
     device: str = "auto"  # auto | cpu | cuda
+    dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
     channels_last: bool = True  # on GPU only
     checkpoint_every: int = 10  # epochs; a checkpoint is always written at the end
@@ -115,6 +116,7 @@ CHOICES = {
     "model.gather": ("exact", "release"),
     "optim.lr_scaling": ("sqrt", "linear", "none"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.dist_backend": ("auto", "nccl", "gloo"),
     "train.amp": ("auto", "bf16", "off"),
 }
 POSITIVE = [

@@ -9,15 +9,18 @@ itself.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 import torch.distributed.nn.functional as dist_fn
+from torch import nn
 
 __all__ = [
     "DistInfo",
+    "first_host",
     "init_distributed",
     "is_distributed",
     "world_size",
@@ -27,6 +30,7 @@ __all__ = [
     "gather_no_grad",
     "all_reduce_mean",
     "broadcast_object",
+    "sync_batchnorm",
     "barrier",
     "shutdown",
 ]
@@ -42,6 +46,27 @@ class DistInfo:
     device: torch.device
 
 
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list ("gpu[07-09,12],cpu1" -> "gpu07").
+
+    ``scontrol show hostnames`` is the authority where it exists; the fallback parses the
+    common ``prefix[a-b,c]`` form so that a missing scontrol is no obstacle.
+    """
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        ).stdout.split()
+        if shown:
+            return shown[0]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0]
+
+
 def _slurm_to_torchrun_env() -> None:
     """Map an ``srun`` task's SLURM variables to the ones ``init_process_group`` reads."""
     env = os.environ
@@ -50,13 +75,7 @@ def _slurm_to_torchrun_env() -> None:
     env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
     if "MASTER_ADDR" not in env:
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        try:
-            first = subprocess.run(
-                ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
-            ).stdout.split()[0]
-        except (OSError, subprocess.CalledProcessError, IndexError):
-            first = nodes.split(",")[0]  # a single plain host name needs no expansion
-        env["MASTER_ADDR"] = first
+        env["MASTER_ADDR"] = first_host(nodes)
     # A port derived from the job id keeps two jobs on one node apart.
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
@@ -147,6 +166,74 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class _CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics cover the global batch, for CPU (gloo) runs.
+
+    PyTorch's SyncBatchNorm runs on GPUs only. This one takes the global mean, then the
+    global biased variance (two passes, for accuracy), each through a gradient-carrying
+    ``all_reduce``, so W processes normalise, update running statistics and back-propagate
+    exactly as one process holding the whole batch. Parameter and buffer names are those
+    of BatchNorm, so state dicts are interchangeable.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
+        totals = dist_fn.all_reduce(torch.cat([x.sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:-1] / n
+        centred = x - mean.view(shape)
+        var = dist_fn.all_reduce(centred.square().sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                factor = self.momentum
+                if factor is None:  # cumulative moving average, as BatchNorm does it
+                    factor = 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(var.detach() * n / (n - 1), factor)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with every BatchNorm synchronised over all processes.
+
+    On GPUs: PyTorch's SyncBatchNorm. On the CPU, where PyTorch has none, the gloo-capable
+    :class:`_CPUSyncBatchNorm`. One process: ``model`` unchanged.
+    """
+    if not is_distributed():
+        return model
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _convert_to_cpu_sync(model)
+
+
+def _convert_to_cpu_sync(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, (nn.SyncBatchNorm, _CPUSyncBatchNorm)
+    ):
+        synced = _CPUSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats,
+        )  # fmt: skip
+        synced.load_state_dict(module.state_dict())
+        synced.train(module.training)
+        return synced
+    for name, child in module.named_children():
+        module.add_module(name, _convert_to_cpu_sync(child))
+    return module
 
 
 def barrier() -> None:

@@ -33,7 +33,8 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 def _drop(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``logits`` with entries (rows[i], cols[i]) set to -inf (an anchor's own column)."""
-    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    # A fill kernel, not torch.tensor(...): a host-to-device copy would synchronise on CUDA.
+    minus_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
     return logits.index_put((rows, cols), minus_inf)
 
 

@@ -34,7 +34,8 @@ class WCL(nn.Module):
     graph_weight * graph_loss, ``instance_loss``, ``graph_loss``, and the weak-label
     statistics ``components`` (count over the global batch, mean of both views),
     ``component_size`` (mean members per component) and, when ``targets`` (B,) are given,
-    ``precision`` (fraction of weak positive pairs that share a true class).
+    ``precision`` (fraction of weak positive pairs that share a true class), and the weak
+    labels themselves, ``labels1`` and ``labels2`` (N,) long over the global batch.
     graph_weight 0 is plain SimCLR (the ``phi`` head then gets no gradient).
     Nothing in forward synchronises with the host (k=1).
     """
@@ -93,6 +94,7 @@ class WCL(nn.Module):
                 offset=offset,
                 labels=labels,
             )
+            out["labels1"], out["labels2"] = labels
             all_targets = None if targets is None else dist.gather_no_grad(targets)
             stats = [weak_label_stats(lab, all_targets) for lab in labels]
             out.update({key: (stats[0][key] + stats[1][key]) / 2 for key in stats[0]})

@@ -161,7 +161,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     resume: None (fresh run), "auto" (the run directory's last.pt, if any) or a
     checkpoint path. Writes config.yaml, metrics.jsonl, last.pt and epoch-NNNN.pt.
     """
-    info = dist.init_distributed(device=cfg.train.device)
+    info = dist.init_distributed(cfg.train.dist_backend, cfg.train.device)
     device, world = info.device, info.world_size
     if cfg.train.batch_size % world:
         raise ConfigError(
@@ -203,8 +203,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     # Model and optimiser; the same seed on every process gives the same initial weights.
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
-    if world > 1 and cfg.model.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.sync_bn:
+        model = dist.sync_batchnorm(model, device)
     channels_last = device.type == "cuda" and cfg.train.channels_last
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
@@ -257,7 +257,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
             out["loss"].backward()
             optimizer.step()
             state.step += 1
-            window.append({k: v.detach() for k, v in out.items()})
+            window.append({k: v.detach() for k, v in out.items() if v.dim() == 0})
 
             if state.step % cfg.train.log_every == 0 or state.step % steps_per_epoch == 0:
                 # One host synchronisation per logging window, not per step.
