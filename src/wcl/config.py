@@ -93,6 +93,8 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
     channels_last: bool = True  # on GPU only
     checkpoint_every: int = 10  # epochs; a checkpoint is always written at the end
+    checkpoint_every_steps: int | None = None  # also refresh last.pt every N steps
+    nonfinite: str = "stop"  # NaN/Inf loss or gradient: stop (error) | skip (drop the step)
     log_every: int = 10  # steps between metric lines
     threads: int | None = None  # torch intra-op threads (None: torch's default)
 
@@ -118,6 +120,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.dist_backend": ("auto", "nccl", "gloo"),
     "train.amp": ("auto", "bf16", "off"),
+    "train.nonfinite": ("stop", "skip"),
 }
 POSITIVE = [
     "data.image_size",
@@ -130,6 +133,7 @@ POSITIVE = [
     "train.epochs",
     "train.batch_size",
     "train.checkpoint_every",
+    "train.checkpoint_every_steps",
     "train.log_every",
     "data.subset",
     "train.threads",

@@ -29,6 +29,7 @@ __all__ = [
     "gather",
     "gather_no_grad",
     "all_reduce_mean",
+    "max_over_processes",
     "broadcast_object",
     "sync_batchnorm",
     "barrier",
@@ -159,6 +160,25 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / world_size()
 
 
+_control: list = []  # the gloo group for host-side flags, created on first use
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of an integer held by each process, on every process (host-side flags
+    such as a pre-emption signal's number).
+
+    Runs over a gloo group on CPU tensors, so with NCCL it costs no GPU synchronisation.
+    """
+    if not is_distributed():
+        return value
+    if not _control:
+        gloo = tdist.get_backend() == "gloo"
+        _control.append(None if gloo else tdist.new_group(backend="gloo"))
+    box = torch.tensor([value], dtype=torch.long)
+    tdist.all_reduce(box, op=tdist.ReduceOp.MAX, group=_control[0])
+    return int(box.item())
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Rank ``src``'s Python object on every process."""
     if not is_distributed():
@@ -244,3 +264,4 @@ def barrier() -> None:
 def shutdown() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+    _control.clear()

@@ -2,40 +2,44 @@
 
 The same function runs as one plain process or under torchrun/SLURM: ``wcl.dist`` reads
 the environment, the config's batch is the global batch, and each process takes its
-share. Only rank 0 writes files and draws the progress bar.
+share. Only rank 0 writes files and draws the progress bar. The run directory's
+bookkeeping (metrics, checkpoints, resume checks, signals) lives in ``wcl.run``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
-from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from wcl import dist
 from wcl.backbones import build_backbone
-from wcl.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from wcl.checkpoint import set_rng_state
 from wcl.config import Config, ConfigError
 from wcl.data import TwoViews, build_dataset, dataset_stats, strong_pipeline, weak_pipeline
 from wcl.model import WCL
 from wcl.optim import LARS, lr_at, param_groups, scaled_lr, set_lr
+from wcl.run import (
+    MetricsLog,
+    Preempted,
+    PreemptionFlag,
+    ResumableSampler,
+    RunState,
+    check_run_dir,
+    find_resume_checkpoint,
+    ignore_preemption_signals,
+    keep_epoch_copy,
+    load_model_state,
+    save_run_checkpoint,
+)
 
-__all__ = ["build_model", "pretrain", "RunState"]
+__all__ = ["build_model", "pretrain"]
 
 
 def build_model(cfg: Config) -> WCL:
@@ -54,16 +58,8 @@ def build_model(cfg: Config) -> WCL:
     )
 
 
-@dataclass
-class RunState:
-    """Where a run stands: the next epoch to train and the optimiser steps taken."""
-
-    epoch: int = 0
-    step: int = 0
-
-
 def _training_data(cfg: Config):
-    """The two-view training set and the (weak, strong) augmentation pipelines."""
+    """The two-view training set, whether it has labels, and the (weak, strong) pipelines."""
     d = cfg.data
     dataset = build_dataset(d.dataset, d.root, train=True, download=d.download, channels=d.channels)
     labelled = len(getattr(dataset, "classes", [])) > 0
@@ -84,75 +80,40 @@ def _training_data(cfg: Config):
     return TwoViews(dataset, weak, seed=cfg.train.seed), labelled, weak, strong
 
 
-def _check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
-    """Refuse to mix a new run into a directory that holds another one."""
-    saved = run_dir / "config.yaml"
-    if resuming or not saved.exists():
-        return
-    raise ConfigError(
-        f"'train.out_dir' {str(run_dir)!r} already holds a run (config.yaml); pass "
-        "--resume auto to continue it, or choose another train.out_dir"
-    )
-
-
-def _resume_state(resume: str | None, run_dir: Path) -> dict | None:
-    if resume is None:
-        return None
-    path = latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
-    return None if path is None else load_checkpoint(path)
-
-
 def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     if cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
 
 
-class _MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed) in the run directory, rank 0 only."""
-
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
-        self.board = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.board = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # TensorBoard is optional
-                pass
-
-    def write(self, record: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.board is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, float):
-                    self.board.add_scalar(f"pretrain/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.board is not None:
-            self.board.close()
+def _gradients_finite(model: torch.nn.Module) -> bool:
+    """One host synchronisation; used only with train.nonfinite = skip."""
+    flags = [p.grad.isfinite().all() for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack(flags).all())
 
 
-def _checkpoint(path: Path, model: WCL, optimizer, state: RunState, cfg: Config) -> None:
-    save_checkpoint(
-        {
-            "kind": "pretrain",
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": state.epoch,
-            "step": state.step,
-            "world_size": dist.world_size(),
-            "config": cfg.to_dict(),
-            "rng": rng_state(),
-        },
-        path,
-    )
+def _summarise(window: list[dict], step: int, epoch: int, seconds: float, batch: int) -> dict:
+    """One metrics record from the (non-empty) window of steps since the last record; raises
+    on a non-finite loss.
+
+    One host synchronisation per window, not per step.
+    """
+    keys = [k for k in window[0] if k != "lr"]
+    per_step = torch.stack([torch.stack([w[k].float() for k in keys]) for w in window])
+    per_step = dist.all_reduce_mean(per_step).tolist()
+    for offset, values in enumerate(per_step):
+        if not all(math.isfinite(v) for v in values):
+            bad_step = step - len(window) + offset + 1
+            found = ", ".join(f"{k}={v:.4g}" for k, v in zip(keys, values, strict=True))
+            raise FloatingPointError(
+                f"non-finite loss at step {bad_step} (epoch {epoch}): {found}, "
+                f"lr={window[offset]['lr']:.4g}; the last checkpoint was not overwritten "
+                "(set train.nonfinite=skip to drop such steps instead)"
+            )
+    record = {"step": step, "epoch": epoch, "lr": window[-1]["lr"]}
+    record.update({k: sum(row[i] for row in per_step) / len(per_step) for i, k in enumerate(keys)})
+    record["images_per_s"] = len(window) * batch / seconds
+    return record
 
 
 def pretrain(cfg: Config, resume: str | None = None) -> Path:
@@ -160,6 +121,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
 
     resume: None (fresh run), "auto" (the run directory's last.pt, if any) or a
     checkpoint path. Writes config.yaml, metrics.jsonl, last.pt and epoch-NNNN.pt.
+    Raises :class:`wcl.run.Preempted` after checkpointing on SIGTERM / SIGUSR1.
     """
     info = dist.init_distributed(cfg.train.dist_backend, cfg.train.device)
     device, world = info.device, info.world_size
@@ -171,20 +133,16 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.train.out_dir)
-    _check_run_dir(run_dir, cfg, resume is not None)
-    checkpoint = _resume_state(resume, run_dir)
+    check_run_dir(run_dir, resuming=resume is not None)
+    checkpoint = find_resume_checkpoint(resume, run_dir, cfg)
 
     # Data: every process sees a disjoint 1/world of each global batch.
     views, labelled, weak, strong = _training_data(cfg)
     local_batch = cfg.train.batch_size // world
-    sampler = DistributedSampler(
-        views,
-        num_replicas=world,
-        rank=info.rank,
-        shuffle=True,
-        seed=cfg.train.seed,
+    sampler = ResumableSampler(
+        views, num_replicas=world, rank=info.rank, shuffle=True, seed=cfg.train.seed,
         drop_last=True,
-    )
+    )  # fmt: skip
     loader = DataLoader(
         views,
         batch_size=local_batch,
@@ -192,8 +150,9 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         num_workers=cfg.data.workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
+        worker_init_fn=ignore_preemption_signals,
     )
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
         raise ConfigError(
             f"the training set has {len(views)} images, fewer than one global batch "
@@ -222,7 +181,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
 
     state = RunState()
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        load_model_state(model, checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = RunState(checkpoint["epoch"], checkpoint["step"])
         set_rng_state(checkpoint["rng"])
@@ -231,61 +190,89 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log = _MetricsLog(run_dir, main)
+        (run_dir / "preempted").unlink(missing_ok=True)
+    log = MetricsLog(run_dir, main)
 
-    for epoch in range(state.epoch, cfg.train.epochs):
-        sampler.set_epoch(epoch)
-        # The weak (MoCo v2) augmentation during warm-up, the strong (SimCLR) one after.
-        views.set_epoch(epoch, weak if epoch < cfg.optim.warmup_epochs else strong)
-        net.train()
-        window: list[dict[str, torch.Tensor]] = []
-        tick = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not main)
-        for x1, x2, targets in bar:
-            lr = lr_at(state.step, peak_lr, warmup_steps, total_steps, cfg.optim.final_lr)
-            set_lr(optimizer, lr)
-            x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
-            x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
-            targets = targets.to(device, non_blocking=True) if labelled else None
-            with torch.autocast(
-                device.type,
-                dtype=autocast_dtype or torch.float32,
-                enabled=autocast_dtype is not None,
-            ):
-                out = net(x1, x2, targets)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            state.step += 1
-            window.append({k: v.detach() for k, v in out.items() if v.dim() == 0})
+    def save(epoch_copy: bool = False) -> None:
+        if main:
+            save_run_checkpoint(run_dir / "last.pt", model, optimizer, state, cfg)
+            if epoch_copy:
+                keep_epoch_copy(run_dir, state.epoch)
+        dist.barrier()  # nobody exits before the checkpoint is complete
 
-            if state.step % cfg.train.log_every == 0 or state.step % steps_per_epoch == 0:
-                # One host synchronisation per logging window, not per step.
-                means = {k: torch.stack([w[k] for w in window]).mean() for k in window[0]}
-                values = torch.stack([dist.all_reduce_mean(v) for v in means.values()]).tolist()
-                elapsed = time.perf_counter() - tick
-                record = {"step": state.step, "epoch": epoch + 1, "lr": lr}
-                record.update(dict(zip(means, values, strict=True)))
-                record["images_per_s"] = len(window) * cfg.train.batch_size / elapsed
-                if not all(math.isfinite(v) for v in values):
-                    raise FloatingPointError(f"non-finite loss at step {state.step}: {record}")
-                log.write(record)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    lr=f"{lr:.3g}",
-                    img_s=f"{record['images_per_s']:.0f}",
-                )
-                window, tick = [], time.perf_counter()
+    skipped, batch = 0, cfg.train.batch_size
+    with PreemptionFlag() as preemption:
+        for epoch in range(state.epoch, cfg.train.epochs):
+            state.epoch = epoch
+            sampler.set_epoch(epoch)
+            # Non-zero only when resuming part-way through this epoch.
+            sampler.skip = (state.step - epoch * steps_per_epoch) * local_batch
+            # The weak (MoCo v2) augmentation during warm-up, the strong (SimCLR) one after.
+            views.set_epoch(epoch, weak if epoch < cfg.optim.warmup_epochs else strong)
+            net.train()
+            window: list[dict] = []
+            tick = time.perf_counter()
+            bar = tqdm(
+                loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not main,
+                initial=state.step - epoch * steps_per_epoch, total=steps_per_epoch,
+            )  # fmt: skip
+            for x1, x2, targets in bar:
+                lr = lr_at(state.step, peak_lr, warmup_steps, total_steps, cfg.optim.final_lr)
+                set_lr(optimizer, lr)
+                x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+                x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+                targets = targets.to(device, non_blocking=True) if labelled else None
+                with torch.autocast(
+                    device.type,
+                    dtype=autocast_dtype or torch.float32,
+                    enabled=autocast_dtype is not None,
+                ):
+                    out = net(x1, x2, targets)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if cfg.train.nonfinite == "skip" and not _gradients_finite(model):
+                    skipped += 1  # drop this step's update and metrics; the schedule goes on
+                else:
+                    optimizer.step()
+                    metrics = {k: v.detach() for k, v in out.items() if v.dim() == 0}
+                    window.append(metrics | {"lr": lr})
+                state.step += 1
 
-        state.epoch = epoch + 1
-        if main and (
-            state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs
-        ):
-            _checkpoint(run_dir / "last.pt", model, optimizer, state, cfg)
-            keep = run_dir / f"epoch-{state.epoch:04d}.pt"
-            keep.unlink(missing_ok=True)
-            os.link(run_dir / "last.pt", keep)  # a second name, not a second write
-        dist.barrier()
+                stop = preemption.should_stop()
+                every = cfg.train.checkpoint_every_steps
+                save_now = stop or bool(every and state.step % every == 0)
+                end_of_epoch = state.step % steps_per_epoch == 0
+                if save_now or end_of_epoch or state.step % cfg.train.log_every == 0:
+                    seconds = time.perf_counter() - tick
+                    record = {"step": state.step, "epoch": epoch + 1, "lr": lr, "loss": math.nan}
+                    if window:
+                        record = _summarise(window, state.step, epoch + 1, seconds, batch)
+                    if cfg.train.nonfinite == "skip":
+                        record["skipped_steps"] = skipped
+                    log.write(record)
+                    img_s = record.get("images_per_s", 0.0)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}"
+                    )
+                    window, tick = [], time.perf_counter()
+                if save_now and not end_of_epoch:
+                    save()
+                if stop:
+                    if end_of_epoch:
+                        state.epoch = epoch + 1
+                        save()
+                    if main:
+                        (run_dir / "preempted").write_text(f"{preemption.received} {state.step}\n")
+                    log.close()
+                    raise Preempted(
+                        preemption.received or "signal", run_dir / "last.pt", state.step
+                    )
+
+            state.epoch = epoch + 1
+            if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
+                save(epoch_copy=True)
+            elif cfg.train.checkpoint_every_steps:
+                save()
 
     log.close()
     return run_dir

@@ -1,0 +1,247 @@
+"""The run directory and the run's life: metrics, checkpoints, resume checks, pre-emption.
+
+Everything the training loop needs that is not training itself: so ``train.py`` reads as
+the loop alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data.distributed import DistributedSampler
+
+from wcl import dist
+from wcl.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
+from wcl.config import Config, ConfigError
+
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "Preempted",
+    "PreemptionFlag",
+    "MetricsLog",
+    "ResumableSampler",
+    "RunState",
+    "check_run_dir",
+    "find_resume_checkpoint",
+    "ignore_preemption_signals",
+    "keep_epoch_copy",
+    "load_model_state",
+    "save_run_checkpoint",
+]
+
+# EX_TEMPFAIL from sysexits.h: "try again later", what a requeueing job script tests for.
+PREEMPTED_EXIT_CODE = 75
+
+# Settings a resumed run may change; every other key must match the checkpoint's config.
+MAY_CHANGE_ON_RESUME = {
+    "data.root", "data.workers", "data.download", "train.out_dir", "train.device",
+    "train.dist_backend", "train.checkpoint_every", "train.checkpoint_every_steps",
+    "train.log_every", "train.threads",
+}  # fmt: skip
+
+
+@dataclass
+class RunState:
+    """Where a run stands: the epoch in progress (or next) and the optimiser steps taken."""
+
+    epoch: int = 0
+    step: int = 0
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing ``checkpoint``; resume with --resume auto."""
+
+    def __init__(self, signal_name: str, checkpoint: Path, step: int) -> None:
+        super().__init__(
+            f"{signal_name} received: stopped after step {step} and wrote {checkpoint}; "
+            f"continue with --resume auto (exit status {PREEMPTED_EXIT_CODE})"
+        )
+        self.checkpoint = checkpoint
+
+
+class PreemptionFlag:
+    """Catches SIGTERM and SIGUSR1 (SLURM's warnings) while active; restores handlers after."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> PreemptionFlag:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame: object) -> None:
+        self.received = signal.Signals(number).name
+
+    def should_stop(self) -> bool:
+        """Whether any process got a signal; every process gets the same answer (and the
+        signal's name in ``received``)."""
+        number = getattr(signal, self.received) if self.received else 0
+        number = dist.max_over_processes(int(number))
+        if number:
+            self.received = signal.Signals(number).name
+        return bool(number)
+
+
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers leave the signals to the training process,
+    which finishes its step and checkpoints (SIGUSR1 would otherwise kill a worker)."""
+    for name in PreemptionFlag.SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way, for exact mid-epoch resume."""
+
+    skip = 0  # samples of this process to leave out at the start of the current epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard when installed) in the run directory, rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.board = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # TensorBoard is optional
+                pass
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, float):
+                    self.board.add_scalar(f"pretrain/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def check_run_dir(run_dir: Path, resuming: bool) -> None:
+    """Refuse to mix a new run into a directory that holds another one."""
+    if not resuming and (run_dir / "config.yaml").exists():
+        raise ConfigError(
+            f"'train.out_dir' {str(run_dir)!r} already holds a run (config.yaml); pass "
+            "--resume auto to continue it, or choose another train.out_dir"
+        )
+
+
+def _flat(config: dict) -> dict[str, object]:
+    return {f"{s}.{k}": v for s, d in config.items() if isinstance(d, dict) for k, v in d.items()}
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path, cfg: Config) -> dict | None:
+    """The checkpoint to resume from (None: start fresh), checked against ``cfg``.
+
+    Leftover temporary files of an interrupted save are removed first.
+    """
+    if resume is None:
+        return None
+    for stale in run_dir.glob(".tmp-*"):
+        stale.unlink(missing_ok=True)
+    path = latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
+    if path is None:
+        return None
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("kind") != "pretrain" or "config" not in checkpoint:
+        raise CheckpointError(f"{path} is not a wcl pre-training checkpoint")
+    saved, current = _flat(checkpoint["config"]), _flat(cfg.to_dict())
+    changed = sorted(
+        key
+        for key in saved.keys() | current.keys()
+        if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != current.get(key)
+    )
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise CheckpointError(
+            f"{path} was written by a run with another config ({details}); resume it with "
+            "the same settings, or start a new run in another train.out_dir"
+        )
+    checkpoint["path"] = str(path)
+    return checkpoint
+
+
+def load_model_state(model: nn.Module, checkpoint: dict) -> None:
+    """Load a checkpoint's weights, naming the file when they don't fit the model."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{checkpoint.get('path', 'checkpoint')} does not fit this model: {err}"
+        ) from err
+
+
+def save_run_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, cfg: Config
+) -> None:
+    """Write the run's checkpoint atomically; never one holding non-finite weights."""
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point()
+           and not torch.isfinite(p).all()]  # fmt: skip
+    if bad:
+        raise FloatingPointError(
+            f"not writing {path}: non-finite values in {bad[:5]}; the previous checkpoint is kept"
+        )
+    save_checkpoint(
+        {
+            "kind": "pretrain",
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": state.epoch,
+            "step": state.step,
+            "world_size": dist.world_size(),
+            "config": cfg.to_dict(),
+            "rng": rng_state(),
+        },
+        path,
+    )
+
+
+def keep_epoch_copy(run_dir: Path, epoch: int) -> None:
+    """epoch-NNNN.pt as a second name of last.pt (a hard link, not a second write)."""
+    keep = run_dir / f"epoch-{epoch:04d}.pt"
+    keep.unlink(missing_ok=True)
+    try:
+        os.link(run_dir / "last.pt", keep)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(run_dir / "last.pt", keep)
