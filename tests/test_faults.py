@@ -223,3 +223,44 @@ def test_signal_to_one_of_two_processes_stops_both_with_a_checkpoint(tmp_path):
     marker = (run / "preempted").read_text().split()
     ckpt = load_checkpoint(run / "last.pt")
     assert marker == ["SIGUSR1", str(ckpt["step"])] and 6 <= ckpt["step"] < 40
+
+
+def _folder_with_broken_files(root, broken):
+    source = Path(__file__).parent / "fixtures" / "fashion"
+    for png in sorted(source.rglob("*.png"))[:120]:
+        target = root / png.parent.name / png.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(png.read_bytes())
+    bad = []
+    for i, kind in enumerate(broken):
+        path = root / "Bag" / f"broken-{i}.png"
+        good = next(source.rglob("*.png")).read_bytes()
+        path.write_bytes(
+            {"zero": b"", "text": b"not an image", "cut": good[: len(good) // 2]}[kind]
+        )
+        bad.append(str(path))
+    return bad
+
+
+def test_broken_images_are_skipped_and_listed(tmp_path):
+    data = tmp_path / "images"
+    bad = _folder_with_broken_files(data, ["zero", "text", "cut"])
+    run = tmp_path / "run"
+    cfg = config(run, "data.dataset=folder", f"data.root={data}", "train.epochs=1",
+                 "optim.warmup_epochs=0")  # fmt: skip
+    pretrain(cfg)
+    listed = [json.loads(line)["path"] for line in (run / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(set(listed)) == sorted(bad)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_files"] == 3
+
+
+def test_data_set_without_a_readable_image_fails_before_training(tmp_path):
+    data = tmp_path / "bad"
+    (data / "a").mkdir(parents=True)
+    for i in range(5):
+        (data / "a" / f"{i}.jpg").write_bytes(b"")
+    cfg = config(tmp_path / "run", "data.dataset=folder", f"data.root={data}")
+    with pytest.raises(RuntimeError, match=str(data)):
+        pretrain(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

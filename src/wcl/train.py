@@ -22,7 +22,16 @@ from wcl import dist
 from wcl.backbones import build_backbone
 from wcl.checkpoint import set_rng_state
 from wcl.config import Config, ConfigError
-from wcl.data import TwoViews, build_dataset, dataset_stats, strong_pipeline, weak_pipeline
+from wcl.data import (
+    TwoViews,
+    build_dataset,
+    dataset_stats,
+    first_readable,
+    read_skip_log,
+    strong_pipeline,
+    unwrap_image_folder,
+    weak_pipeline,
+)
 from wcl.model import WCL
 from wcl.optim import LARS, lr_at, param_groups, scaled_lr, set_lr
 from wcl.run import (
@@ -58,10 +67,19 @@ def build_model(cfg: Config) -> WCL:
     )
 
 
-def _training_data(cfg: Config):
-    """The two-view training set, whether it has labels, and the (weak, strong) pipelines."""
+def _training_data(cfg: Config, run_dir: Path):
+    """The two-view training set, whether it has labels, and the (weak, strong) pipelines.
+
+    Unreadable images in a folder data set are replaced by the next readable one and
+    listed in ``run_dir/skipped.jsonl``; a data set with no readable image is an error
+    here, before any training.
+    """
     d = cfg.data
     dataset = build_dataset(d.dataset, d.root, train=True, download=d.download, channels=d.channels)
+    folder = unwrap_image_folder(dataset)
+    if folder is not None:
+        folder.skip_log = run_dir / "skipped.jsonl"  # before any DataLoader worker copies it
+    first_readable(dataset)
     labelled = len(getattr(dataset, "classes", [])) > 0
     if d.subset is not None:
         dataset = Subset(dataset, range(min(d.subset, len(dataset))))
@@ -135,9 +153,10 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     run_dir = Path(cfg.train.out_dir)
     check_run_dir(run_dir, resuming=resume is not None)
     checkpoint = find_resume_checkpoint(resume, run_dir, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     # Data: every process sees a disjoint 1/world of each global batch.
-    views, labelled, weak, strong = _training_data(cfg)
+    views, labelled, weak, strong = _training_data(cfg, run_dir)
     local_batch = cfg.train.batch_size // world
     sampler = ResumableSampler(
         views, num_replicas=world, rank=info.rank, shuffle=True, seed=cfg.train.seed,
@@ -188,7 +207,6 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
 
     main = dist.is_main()
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (run_dir / "preempted").unlink(missing_ok=True)
     log = MetricsLog(run_dir, main)
@@ -269,6 +287,10 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
                     )
 
             state.epoch = epoch + 1
+            skipped_files = read_skip_log(run_dir / "skipped.jsonl")
+            if main and skipped_files:
+                log.write({"step": state.step, "epoch": state.epoch,
+                           "skipped_files": len(skipped_files)})  # fmt: skip
             if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
                 save(epoch_copy=True)
             elif cfg.train.checkpoint_every_steps:
