@@ -97,6 +97,11 @@ class TrainConfig:
     nonfinite: str = "stop"  # NaN/Inf loss or gradient: stop (error) | skip (drop the step)
     log_every: int = 10  # steps between metric lines
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    knn_every: int = 0  # epochs between online kNN checks on the held-out split (0: off)
+    knn_k: int = 200  # neighbours of the online kNN check
+    knn_t: float = 0.07  # its temperature
+    knn_bank: int | None = None  # training images in its memory bank (None: all)
+    knn_queries: int | None = None  # held-out images it classifies (None: all)
 
 
 @dataclass
@@ -137,10 +142,15 @@ POSITIVE = [
     "train.log_every",
     "data.subset",
     "train.threads",
+    "train.knn_k",
+    "train.knn_t",
+    "train.knn_bank",
+    "train.knn_queries",
     "data.jitter",
 ]
 NON_NEGATIVE = [
     "data.workers",
+    "train.knn_every",
     "model.graph_weight",
     "optim.final_lr",
     "optim.momentum",

@@ -52,7 +52,8 @@ PREEMPTED_EXIT_CODE = 75
 MAY_CHANGE_ON_RESUME = {
     "data.root", "data.workers", "data.download", "train.out_dir", "train.device",
     "train.dist_backend", "train.checkpoint_every", "train.checkpoint_every_steps",
-    "train.log_every", "train.threads",
+    "train.log_every", "train.threads", "train.knn_every", "train.knn_k", "train.knn_t",
+    "train.knn_bank", "train.knn_queries",
 }  # fmt: skip
 
 

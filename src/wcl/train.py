@@ -26,6 +26,7 @@ from wcl.data import (
     TwoViews,
     build_dataset,
     dataset_stats,
+    eval_pipeline,
     first_readable,
     read_skip_log,
     strong_pipeline,
@@ -68,7 +69,8 @@ def build_model(cfg: Config) -> WCL:
 
 
 def _training_data(cfg: Config, run_dir: Path):
-    """The two-view training set, whether it has labels, and the (weak, strong) pipelines.
+    """The two-view training set, its class names ([] if unlabelled), the (weak, strong)
+    augmentation pipelines.
 
     Unreadable images in a folder data set are replaced by the next readable one and
     listed in ``run_dir/skipped.jsonl``; a data set with no readable image is an error
@@ -80,7 +82,7 @@ def _training_data(cfg: Config, run_dir: Path):
     if folder is not None:
         folder.skip_log = run_dir / "skipped.jsonl"  # before any DataLoader worker copies it
     first_readable(dataset)
-    labelled = len(getattr(dataset, "classes", [])) > 0
+    classes = list(getattr(dataset, "classes", []))
     if d.subset is not None:
         dataset = Subset(dataset, range(min(d.subset, len(dataset))))
     mean, std = dataset_stats(d.dataset, d.channels)
@@ -95,7 +97,54 @@ def _training_data(cfg: Config, run_dir: Path):
         jitter=d.jitter,
         blur_prob=d.blur_prob,
     )
-    return TwoViews(dataset, weak, seed=cfg.train.seed), labelled, weak, strong
+    return TwoViews(dataset, weak, seed=cfg.train.seed), classes, weak, strong
+
+
+def _knn_monitor(cfg: Config, device: torch.device):
+    """A function backbone -> {"knn_top1", "knn_top5"} on the held-out split, or None.
+
+    Weighted kNN (``wcl.eval.knn_accuracy``) of centre-cropped held-out images against a
+    bank of training images, both without augmentation.
+    """
+    d = cfg.data
+    if not cfg.train.knn_every:
+        return None
+    from wcl.eval import extract_features, knn_accuracy
+
+    bank = build_dataset(d.dataset, d.root, train=True, download=d.download, channels=d.channels)
+    queries = build_dataset(
+        d.dataset, d.root, train=False, download=d.download, channels=d.channels
+    )
+    if cfg.train.knn_bank:
+        bank = Subset(bank, range(min(cfg.train.knn_bank, len(bank))))
+    if cfg.train.knn_queries:
+        queries = Subset(queries, range(min(cfg.train.knn_queries, len(queries))))
+    transform = eval_pipeline(d.image_size, *dataset_stats(d.dataset, d.channels))
+
+    def monitor(backbone: torch.nn.Module) -> dict[str, float]:
+        was_training = backbone.training
+        backbone.eval()
+        extract = {"transform": transform, "batch_size": 512, "device": device}
+        train = extract_features(backbone, bank, **extract)
+        test = extract_features(backbone, queries, **extract)
+        backbone.train(was_training)
+        acc = knn_accuracy(*train, *test, k=min(cfg.train.knn_k, len(bank)), t=cfg.train.knn_t)
+        return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
+
+    return monitor
+
+
+def _save_late_batch(path: Path, x: torch.Tensor, out: dict, targets, cfg: Config, classes):
+    """The last batch's first views (uint8, as the graph saw them) with their weak labels,
+    for the report's component grids."""
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1)
+                 for v in dataset_stats(cfg.data.dataset, cfg.data.channels))  # fmt: skip
+    images = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    batch = {"images": images.contiguous(), "labels": out["labels1"][: len(x)].cpu()}
+    if targets is not None:
+        batch["targets"] = targets.cpu()
+    batch["classes"] = classes
+    torch.save(batch, path)
 
 
 def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -156,7 +205,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # Data: every process sees a disjoint 1/world of each global batch.
-    views, labelled, weak, strong = _training_data(cfg, run_dir)
+    views, classes, weak, strong = _training_data(cfg, run_dir)
+    labelled = bool(classes)
     local_batch = cfg.train.batch_size // world
     sampler = ResumableSampler(
         views, num_replicas=world, rank=info.rank, shuffle=True, seed=cfg.train.seed,
@@ -210,6 +260,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (run_dir / "preempted").unlink(missing_ok=True)
     log = MetricsLog(run_dir, main)
+    monitor = _knn_monitor(cfg, device) if labelled else None
 
     def save(epoch_copy: bool = False) -> None:
         if main:
@@ -255,6 +306,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
                     metrics = {k: v.detach() for k, v in out.items() if v.dim() == 0}
                     window.append(metrics | {"lr": lr})
                 state.step += 1
+                if state.step == total_steps and main and "labels1" in out:
+                    _save_late_batch(run_dir / "late_batch.pt", x1, out, targets, cfg, classes)
 
                 stop = preemption.should_stop()
                 every = cfg.train.checkpoint_every_steps
@@ -291,6 +344,10 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
             if main and skipped_files:
                 log.write({"step": state.step, "epoch": state.epoch,
                            "skipped_files": len(skipped_files)})  # fmt: skip
+            knn_due = state.epoch % max(cfg.train.knn_every, 1) == 0
+            if monitor is not None and main and (knn_due or state.epoch == cfg.train.epochs):
+                record = {"step": state.step, "epoch": state.epoch} | monitor(model.backbone)
+                log.write(record)
             if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
                 save(epoch_copy=True)
             elif cfg.train.checkpoint_every_steps:
