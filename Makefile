@@ -35,7 +35,7 @@ data:
 	fi
 
 demo: setup data
-	$(BIN)/wcl pretrain --config fashion-mnist-demo --resume auto $(DEMO_ARGS)
+	$(BIN)/wcl demo --out runs/demo $(DEMO_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -20,9 +20,17 @@ GLOBAL_BATCH = 16
 
 
 def run(mode: str, steps: int) -> dict:
-    info = dist.init_distributed("gloo", "cpu")
-    # float64 throughout, so that rounding cannot hide (or fake) a real difference.
+    """float64 throughout, so that rounding cannot hide (or fake) a real difference."""
+    previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
+    try:
+        return _run(mode, steps)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _run(mode: str, steps: int) -> dict:
+    info = dist.init_distributed("gloo", "cpu")
     torch.manual_seed(0)
     backbone = build_backbone("resnet10", stem="small", in_channels=1, width=8)
     model = WCL(backbone, backbone.feature_dim, hidden_dim=32, out_dim=16, gather_mode=mode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from wcl.config import PRESET_DIR, ConfigError, load_config
 
@@ -14,6 +15,152 @@ def _presets() -> str:
     return ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
 
 
+def _eval_presets(kind: str) -> str:
+    # The folder is read directly: importing wcl.eval here would import torch for --help.
+    names = sorted(p.stem for p in (PRESET_DIR / "eval").glob(f"{kind}-*.yaml"))
+    return ", ".join(names)
+
+
+def _user_errors(run: Callable[[], int]) -> int:
+    """Run a subcommand; a bad file or a missing package is one line on stderr, exit 1."""
+    from wcl.checkpoint import CheckpointError
+    from wcl.export import OnnxUnavailableError
+
+    try:
+        return run()
+    except (CheckpointError, FileNotFoundError, OnnxUnavailableError) as err:
+        print(f"wcl: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _eval_config(kind: str, args: argparse.Namespace, extra: list[str] | None = None) -> object:
+    from wcl.eval.config import load_eval_config
+
+    overrides = (extra or []) + list(args.set)
+    if args.checkpoint:
+        overrides.insert(0, f"run.checkpoint={args.checkpoint}")
+    return load_eval_config(kind, args.config, overrides)
+
+
+def _print_scores(results: dict, run_dir: str) -> None:
+    for which in ("final", "best"):
+        if which in results:
+            r = results[which]
+            print(f"{which}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  (epoch {r['epoch']})")
+    print(f"results: {run_dir}/results.json")
+
+
+def _linear_eval(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from wcl.eval.linear import linear_eval
+
+        cfg = _eval_config("linear", args, ["linear.mode=fast"] if args.fast else [])
+        results = linear_eval(cfg, resume=args.resume)
+        _print_scores(results, results["run_dir"])
+        return 0
+
+    return _user_errors(run)
+
+
+def _knn_eval(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from wcl.eval.knn import knn_eval
+
+        results = knn_eval(_eval_config("knn", args))
+        for key, value in results.items():
+            if isinstance(value, dict):
+                print(f"{key}: top-1 {value['top1']:.2f}%  top-5 {value['top5']:.2f}%")
+        print(f"results: {results['run_dir']}/results.json")
+        return 0
+
+    return _user_errors(run)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from wcl.eval.finetune import finetune
+
+        results = finetune(_eval_config("finetune", args), resume=args.resume)
+        print(f"labelled images: {results['subset']['images']}")
+        _print_scores(results, results["run_dir"])
+        return 0
+
+    return _user_errors(run)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from wcl.release import convert_release
+
+        summary = convert_release(args.release, args.out)
+        b = summary["backbone"]
+        print(
+            f"converted {args.release} -> {args.out}: {b['name']} ({b['stem']} stem, width "
+            f"{b['width']}), heads {summary['hidden_dim']}/{summary['out_dim']}, "
+            f"release epoch {summary['release_epoch']}"
+        )
+        return 0
+
+    return _user_errors(run)
+
+
+def _export(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from wcl.export import export_backbone
+
+        paths = export_backbone(args.checkpoint, args.out_dir, onnx=args.onnx, name=args.name)
+        for path in paths.values():
+            print(path)
+        return 0
+
+    return _user_errors(run)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from wcl.eval.embed import embed_images
+
+        result = embed_images(
+            args.checkpoint,
+            args.images,
+            args.out,
+            normalize=args.normalize,
+            batch_size=args.batch_size,
+            device=args.device,
+            workers=args.workers,
+            image_size=args.image_size,
+            resize=args.resize,
+            amp=args.amp,
+            progress=not args.no_progress,
+        )
+        print(f"{result.count} x {result.dim} embeddings: {result.array} (paths: {result.paths})")
+        return 0
+
+    return _user_errors(run)
+
+
+def _add_eval_args(sub: argparse.ArgumentParser, kind: str, resumable: bool) -> None:
+    sub.add_argument("--config", required=True, help="YAML file or eval preset name")
+    sub.add_argument(
+        "--checkpoint",
+        help="pre-trained weights: a wcl checkpoint, a release .pth, or an exported backbone "
+        "(sets run.checkpoint)",
+    )
+    sub.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config key, e.g. --set {kind}.epochs=10 (repeatable; value read as YAML)",
+    )
+    if resumable:
+        sub.add_argument(
+            "--resume",
+            metavar="auto|PATH",
+            help="continue: 'auto' takes the run directory's last.pt if present, or a path",
+        )
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from wcl.train import pretrain  # torch import deferred so --help stays fast
 
@@ -21,6 +168,84 @@ def _pretrain(args: argparse.Namespace) -> int:
     run_dir = pretrain(cfg, resume=args.resume)
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from wcl.demo import run_demo
+
+    cfg = load_config(args.config, args.set)
+    results = run_demo(cfg, args.out)
+    print(results["summary"])
+    for row in results["methods"].values():
+        print(
+            f"  {row['label']:<28} kNN {row['knn_top1']:6.2f}%   linear {row['linear_top1']:6.2f}%"
+        )
+    print(f"report: {args.out}/report.md (and report.html); took {results['minutes']:.1f} min")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from wcl.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    import json
+
+    from wcl.data.check import check_data
+
+    report = check_data(args.root, channels=args.channels, workers=args.workers,
+                        progress=not args.quiet)  # fmt: skip
+    print(report.summary())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    return 0 if report.usable and (report.ok or not args.strict) else 1
+
+
+def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="pre-train WCL and SimCLR on Fashion-MNIST, compare, write a report",
+        description=(
+            "The embedded demo: pre-trains the fashion-mnist-demo preset with the graph loss "
+            "(WCL) and without it (SimCLR), measures both, a randomly initialised network "
+            "and raw pixels with weighted kNN and a linear probe on the 10,000 test images, "
+            "and writes report.md / report.html with figures. Re-running continues an "
+            "interrupted demo."
+        ),
+    )
+    demo.add_argument("--config", default="fashion-mnist-demo", help="preset or YAML file")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key (repeatable)")  # fmt: skip
+    demo.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
+    demo.set_defaults(func=_demo)
+
+    rep = commands.add_parser(
+        "report",
+        help="redraw figures and report.md/html of a run or demo directory",
+        description="Redraw the figures, report.md and report.html from a run directory's "
+        "metrics files (a pre-training run, or a demo directory).",
+    )
+    rep.add_argument("run_dir", help="run or demo directory")
+    rep.set_defaults(func=_report)
+
+    chk = commands.add_parser(
+        "check-data",
+        help="scan an image folder for broken files before a long run",
+        description="Decode every image of a folder data set and report broken files (with "
+        "the reason), odd modes that will be converted, classes, sizes and duplicates. "
+        "Exit status 1 if no image is usable (or, with --strict, if any file is broken).",
+    )
+    chk.add_argument("root", help="image folder (class sub-folders or flat)")
+    chk.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    chk.add_argument("--workers", type=int, default=None, help="decoding threads")
+    chk.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    chk.add_argument("--strict", action="store_true", help="exit 1 if any file is broken")
+    chk.add_argument("--quiet", action="store_true", help="no progress bar")
+    chk.set_defaults(func=_check_data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,16 +280,139 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a run: 'auto' takes train.out_dir/last.pt if present, or a checkpoint path",
     )
     pre.set_defaults(func=_pretrain)
+    _add_eval_commands(commands)
+    _add_weight_commands(commands)
+    _add_demo_commands(commands)
     return parser
+
+
+def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
+    lin = commands.add_parser(
+        "linear-eval",
+        help="linear probe on the frozen backbone (release protocol, or fast cached mode)",
+        description=(
+            "Train a linear classifier on the frozen backbone (eval mode) with the release's "
+            "protocol: Linear init N(0, 0.01), SGD Nesterov 0.9, no weight decay, "
+            "lr 0.2*batch/256 with a cosine per iteration, 80 epochs, RandomResizedCrop + flip; "
+            "test Resize + CenterCrop; top-1/top-5 final and best. --fast trains on cached "
+            "centre-crop features instead (NOT the paper's protocol). Writes config.yaml, "
+            "last.pt and results.json to run.out_dir (default <checkpoint folder>/eval/"
+            f"<checkpoint name>/linear-eval). Presets: {_eval_presets('linear')}."
+        ),
+        epilog="example: wcl linear-eval --config linear-small --checkpoint runs/x/last.pt --fast",
+    )
+    _add_eval_args(lin, "linear", resumable=True)
+    lin.add_argument(
+        "--fast",
+        action="store_true",
+        help="cached-feature mode (same as --set linear.mode=fast)",
+    )
+    lin.set_defaults(func=_linear_eval)
+
+    knn = commands.add_parser(
+        "knn-eval",
+        help="weighted kNN classification of backbone features",
+        description=(
+            "Weighted kNN (InstDisc): cosine similarity of L2-normalised centre-crop features, "
+            "the k nearest training images vote with weight exp(sim/T). Reports top-1/top-5 "
+            "for every k in knn.k (default 200 and 20, T = 0.07). Writes results.json (and "
+            "cached features) to run.out_dir (default <checkpoint folder>/eval/<checkpoint "
+            "name>/knn-eval). "
+            f"Presets: {_eval_presets('knn')}."
+        ),
+        epilog="example: wcl knn-eval --config knn-small --checkpoint runs/x/last.pt",
+    )
+    _add_eval_args(knn, "knn", resumable=False)
+    knn.set_defaults(func=_knn_eval)
+
+    fin = commands.add_parser(
+        "finetune",
+        help="semi-supervised fine-tuning of the whole network on a fraction of the labels",
+        description=(
+            "Fine-tune backbone + a new linear head on a class-balanced seeded fraction of the "
+            "labels (finetune.fraction) or a published subset list (finetune.subset_file, one "
+            "image file name per line). SimCLR's recipe: SGD Nesterov 0.9, no weight decay, "
+            "lr 0.05*batch/256, cosine; crop + flip. Top-1/top-5 on the test split. "
+            f"Presets: {_eval_presets('finetune')}."
+        ),
+        epilog="example: wcl finetune --config finetune-small --checkpoint runs/x/last.pt",
+    )
+    _add_eval_args(fin, "finetune", resumable=True)
+    fin.set_defaults(func=_finetune)
+
+
+def _add_weight_commands(commands: argparse._SubParsersAction) -> None:
+    conv = commands.add_parser(
+        "convert",
+        help="convert an authors' release checkpoint (wcl-100.pth ...) to a wcl checkpoint",
+        description=(
+            "Read a release checkpoint (module.net.* ResNet-50, module.head1.* -> g, "
+            "module.head2.* -> phi) safely (weights_only) and write a wcl checkpoint usable by "
+            "every command. A file that needs pickled code is refused."
+        ),
+    )
+    conv.add_argument("release", help="the release .pth file")
+    conv.add_argument("out", help="the wcl checkpoint to write (.pt)")
+    conv.set_defaults(func=_convert)
+
+    exp = commands.add_parser(
+        "export",
+        help="write the backbone as a torchvision state dict, safetensors and optionally ONNX",
+        description=(
+            "Write OUT_DIR/backbone.pt (plain torchvision-keyed state dict, no fc), "
+            "backbone.safetensors, backbone.json (how to rebuild it, input size and "
+            "normalisation) and, with --onnx, backbone.onnx (needs: pip install onnx onnxscript)."
+        ),
+    )
+    exp.add_argument("checkpoint", help="any checkpoint wcl can read")
+    exp.add_argument("out_dir", help="folder to write into (created if missing)")
+    exp.add_argument("--onnx", action="store_true", help="also write backbone.onnx")
+    exp.add_argument("--name", default="backbone", help="file name stem (default: backbone)")
+    exp.set_defaults(func=_export)
+
+    emb = commands.add_parser(
+        "embed",
+        help="backbone embeddings of a folder of images, as .npy plus a list of paths",
+        description=(
+            "Embed every image under --images (recursive, sorted by path): centre crop at the "
+            "pre-training size, backbone features (optionally L2-normalised). Writes FILE.npy "
+            "(N x C float32) and FILE.txt (the N image paths, in row order)."
+        ),
+    )
+    emb.add_argument("--checkpoint", required=True, help="any checkpoint wcl can read")
+    emb.add_argument("--images", required=True, help="folder of images")
+    emb.add_argument("--out", required=True, help="output FILE or FILE.npy")
+    emb.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+    emb.add_argument("--batch-size", type=int, default=256)
+    emb.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    emb.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    emb.add_argument("--image-size", type=int, help="crop side (default: pre-training size)")
+    emb.add_argument("--resize", type=int, help="short side before the crop")
+    emb.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto")
+    emb.add_argument("--no-progress", action="store_true", help="no progress bar")
+    emb.set_defaults(func=_embed)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Errors that describe a fixable problem get one clear line, not a traceback.
+    from wcl.checkpoint import CheckpointError
+    from wcl.run import PREEMPTED_EXIT_CODE, Preempted
+
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"wcl: config error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:
+        print(f"wcl: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except (CheckpointError, FloatingPointError) as err:
+        print(f"wcl: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"wcl: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

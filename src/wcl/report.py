@@ -198,9 +198,9 @@ def _results_table(results: dict) -> list[str]:
 def write_report(run_dir: str | Path) -> Path:
     """Draw every figure the run directory's files allow and write report.md/.html."""
     root = Path(run_dir)
+    runs = _runs(root)
     figures = root / "figures"
     figures.mkdir(exist_ok=True)
-    runs = _runs(root)
     results_file = root / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     drawn: list[tuple[str, Path]] = [

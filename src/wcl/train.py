@@ -100,16 +100,16 @@ def _training_data(cfg: Config, run_dir: Path):
     return TwoViews(dataset, weak, seed=cfg.train.seed), classes, weak, strong
 
 
-def _knn_monitor(cfg: Config, device: torch.device):
+def _knn_monitor(cfg: Config):
     """A function backbone -> {"knn_top1", "knn_top5"} on the held-out split, or None.
 
-    Weighted kNN (``wcl.eval.knn_accuracy``) of centre-cropped held-out images against a
+    Weighted kNN (``wcl.eval.knn_monitor``) of centre-cropped held-out images against a
     bank of training images, both without augmentation.
     """
     d = cfg.data
     if not cfg.train.knn_every:
         return None
-    from wcl.eval import extract_features, knn_accuracy
+    from wcl.eval import knn_monitor
 
     bank = build_dataset(d.dataset, d.root, train=True, download=d.download, channels=d.channels)
     queries = build_dataset(
@@ -120,15 +120,12 @@ def _knn_monitor(cfg: Config, device: torch.device):
     if cfg.train.knn_queries:
         queries = Subset(queries, range(min(cfg.train.knn_queries, len(queries))))
     transform = eval_pipeline(d.image_size, *dataset_stats(d.dataset, d.channels))
+    k = min(cfg.train.knn_k, len(bank))
 
     def monitor(backbone: torch.nn.Module) -> dict[str, float]:
-        was_training = backbone.training
-        backbone.eval()
-        extract = {"transform": transform, "batch_size": 512, "device": device}
-        train = extract_features(backbone, bank, **extract)
-        test = extract_features(backbone, queries, **extract)
-        backbone.train(was_training)
-        acc = knn_accuracy(*train, *test, k=min(cfg.train.knn_k, len(bank)), t=cfg.train.knn_t)
+        acc = knn_monitor(
+            backbone, bank, queries, transform, k=k, t=cfg.train.knn_t, batch_size=512
+        )
         return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
 
     return monitor
@@ -260,7 +257,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (run_dir / "preempted").unlink(missing_ok=True)
     log = MetricsLog(run_dir, main)
-    monitor = _knn_monitor(cfg, device) if labelled else None
+    monitor = _knn_monitor(cfg) if labelled else None
 
     def save(epoch_copy: bool = False) -> None:
         if main:

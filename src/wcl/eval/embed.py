@@ -1,0 +1,100 @@
+"""Embeddings of a folder of images: backbone features saved as a NumPy array + a path list."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wcl.data import ImageFolderDataset, dataset_stats
+from wcl.eval.common import amp_dtype, resolve_device
+from wcl.eval.data import ToChannels
+from wcl.eval.features import extract_features
+from wcl.export import input_size
+from wcl.weights import atomic_write, load_backbone
+
+__all__ = ["EmbedResult", "embed_images", "embedding_paths"]
+
+
+@dataclass
+class EmbedResult:
+    array: Path  # (N, C) float32 .npy
+    paths: Path  # N lines, the image files in row order
+    count: int
+    dim: int
+
+
+def embedding_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """(``X.npy``, ``X.txt``) for ``--out X`` or ``--out X.npy``."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix == ".npy" else out
+    return stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".txt")
+
+
+def embed_images(
+    checkpoint: str | os.PathLike,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    normalize: bool = False,
+    batch_size: int = 256,
+    device: str = "auto",
+    workers: int = 0,
+    image_size: int | None = None,
+    resize: int | None = None,
+    amp: str = "auto",
+    progress: bool = True,
+) -> EmbedResult:
+    """Backbone features of every image under ``images`` (recursive, sorted by path).
+
+    Each image is resized (short side to ``resize``) and centre-cropped to ``image_size``
+    (defaults: the pre-training image size, and 256/224 of it for the ImageNet stem, so
+    Resize(256) + CenterCrop(224); no extra resize for the small-image stem), then
+    normalised with the pre-training dataset's statistics. ``normalize`` L2-normalises the
+    rows; ``amp`` "auto" runs the backbone in bfloat16 on a GPU ("off": float32). Writes ``out`` (.npy, float32 (N, C)) and the image paths, one a line, beside it.
+    """
+    loaded = load_backbone(checkpoint)
+    spec = loaded.spec
+    size = image_size or input_size(spec, loaded.config)
+    if resize is None:
+        resize = round(size * 256 / 224) if spec.stem == "imagenet" else size
+    dataset_name = ((loaded.config or {}).get("data") or {}).get("dataset", "imagenet")
+    mean, std = dataset_stats(dataset_name, spec.in_channels)
+
+    from torchvision.transforms import v2
+
+    transform = v2.Compose(
+        [
+            ToChannels(spec.in_channels),
+            v2.Resize(resize, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+    dataset = ImageFolderDataset(images, channels=spec.in_channels)
+    dev = resolve_device(device)
+    module = loaded.module.to(dev)
+    feats, _ = extract_features(
+        module,
+        dataset,
+        transform,
+        batch_size,
+        dev,
+        workers,
+        progress,
+        amp=amp_dtype(amp, dev),
+        desc="embed",
+    )
+    if normalize:
+        feats = F.normalize(feats, dim=1)
+    array_path, list_path = embedding_paths(out)
+    array_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(array_path, lambda f: np.save(f, feats.numpy()))
+    lines = "".join(f"{path}\n" for path, _ in dataset.samples)
+    atomic_write(list_path, lambda f: f.write(lines), mode="w")
+    return EmbedResult(array_path, list_path, feats.shape[0], feats.shape[1])

@@ -1,0 +1,228 @@
+"""Weighted k-nearest-neighbour classification of backbone features (InstDisc, Wu et al. 2018).
+
+Features are L2-normalised; a query's k most cosine-similar training features vote for
+their classes with weight ``exp(similarity / T)``; the class scores rank the predictions
+(top-1, top-5). Similarities are computed for ``chunk`` queries at a time against the whole
+bank, so the memory beyond the bank itself is ``chunk x N`` similarities: with 1.28M
+ImageNet features (2048-d: 10.5 GB in float32, half that in bfloat16) and chunk 256 that
+is 1.3 GB more, which fits one GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from wcl.config import ConfigError
+from wcl.eval.common import open_run, split_features, start_run, write_results
+from wcl.eval.config import KnnConfig
+from wcl.eval.data import load_splits
+from wcl.eval.features import extract_features
+
+__all__ = ["knn_accuracies", "knn_accuracy", "knn_eval", "knn_monitor", "knn_predict", "knn_scores"]
+
+
+def _check(train_labels: torch.Tensor, num_classes: int, k: int, n: int) -> None:
+    if train_labels.ndim != 1 or len(train_labels) != n:
+        raise ValueError(f"train_labels must have shape ({n},), got {tuple(train_labels.shape)}")
+    if n and (int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes):
+        raise ValueError(f"train labels must lie in 0..{num_classes - 1}")
+    if not 0 < k <= n:
+        raise ValueError(f"k must be in 1..{n} (the training features), got {k}")
+
+
+def knn_scores(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    k: int | Sequence[int],
+    t: float,
+    num_classes: int,
+    chunk: int = 1024,
+    normalized: bool = False,
+) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
+    """Yield ``(start, {k: class scores (chunk, num_classes) float32})`` block by block.
+
+    The bank (``train_feats`` (N, D), ``train_labels`` (N,) int64 in 0..num_classes-1)
+    stays where it is; each block of queries is moved to its device. One top-k (the largest
+    k) serves every k asked for, since the top-20 are the first 20 of the top-200.
+    ``normalized`` says the features are already unit rows (saves a copy of the bank).
+    """
+    ks = [k] if isinstance(k, int) else list(k)
+    n = train_feats.shape[0]
+    for each in ks:
+        _check(train_labels, num_classes, each, n)
+    if chunk <= 0:
+        raise ValueError(f"chunk must be > 0, got {chunk}")
+    device = train_feats.device
+    bank = train_feats if normalized else F.normalize(train_feats, dim=1)
+    labels = train_labels.to(device)
+    k_max = max(ks)
+    for start in range(0, query_feats.shape[0], chunk):
+        q = query_feats[start : start + chunk].to(device, bank.dtype)
+        if not normalized:
+            q = F.normalize(q, dim=1)
+        sims, index = (q @ bank.T).topk(k_max, dim=1)  # sorted, most similar first
+        weights = (sims.float() / t).exp()
+        votes = labels[index]
+        out = {}
+        for each in ks:
+            scores = torch.zeros(len(q), num_classes, device=device)
+            out[each] = scores.scatter_add_(1, votes[:, :each], weights[:, :each])
+        yield start, out
+
+
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    k: int = 200,
+    t: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Predicted classes (Q, min(5, num_classes)) int64 on the CPU, best first."""
+    num_classes = num_classes or int(train_labels.max()) + 1
+    top = min(5, num_classes)
+    preds = [
+        scores[k].topk(top, dim=1).indices.cpu()
+        for _, scores in knn_scores(
+            train_feats, train_labels, query_feats, k, t, num_classes, chunk
+        )
+    ]
+    return torch.cat(preds) if preds else torch.empty(0, top, dtype=torch.int64)
+
+
+@torch.no_grad()
+def knn_accuracies(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int] = (200, 20),
+    t: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+    normalized: bool = False,
+) -> dict[int, dict[str, float]]:
+    """{k: {"top1": %, "top5": %}} for several k from one similarity pass.
+
+    top5 is "the true class is among the 5 best-scored" (all classes when fewer than 5).
+    ``normalized``: the features are unit rows already (no normalised copy of the bank).
+    """
+    num_classes = num_classes or max(int(train_labels.max()), int(test_labels.max())) + 1
+    top = min(5, num_classes)
+    correct = {k: torch.zeros(2, dtype=torch.int64) for k in ks}
+    test_labels = test_labels.cpu()
+    for start, blocks in knn_scores(
+        train_feats, train_labels, test_feats, ks, t, num_classes, chunk, normalized
+    ):
+        for k, scores in blocks.items():
+            pred = scores.topk(top, dim=1).indices.cpu()
+            hit = pred == test_labels[start : start + len(pred), None]
+            correct[k] += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()])
+    n = max(len(test_labels), 1)
+    return {
+        k: {"top1": 100.0 * int(c[0]) / n, "top5": 100.0 * int(c[1]) / n}
+        for k, c in correct.items()
+    }
+
+
+def knn_accuracy(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 200,
+    t: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Weighted-kNN accuracy of ``test_feats`` against the bank ``train_feats``.
+
+    Shapes: train (N, D) with labels (N,), test (Q, D) with labels (Q,); any device (the
+    work happens on the bank's). Returns {"top1": %, "top5": %}. For online monitoring:
+    ``knn_accuracy(*extract_features(backbone, train_set, tf), *extract_features(backbone,
+    test_set, tf), k=200, t=0.07, num_classes=10)``.
+    """
+    return knn_accuracies(
+        train_feats, train_labels, test_feats, test_labels, [k], t, num_classes, chunk
+    )[k]
+
+
+def knn_monitor(
+    backbone: nn.Module,
+    train_set: Dataset,
+    test_set: Dataset,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    *,
+    k: int = 200,
+    t: float = 0.07,
+    batch_size: int = 256,
+    workers: int = 0,
+    amp: torch.dtype | None = None,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """kNN accuracy of a live backbone, for monitoring during pre-training.
+
+    Extracts eval-mode features of both labelled datasets (``(uint8 image, target)``
+    samples; ``transform`` e.g. :func:`wcl.data.eval_pipeline`) on the backbone's device,
+    puts the backbone's mode back, and returns {"top1": %, "top5": %}. Cost: one forward
+    pass over both sets; pass a ``Subset`` of the training set to make it cheaper.
+    """
+    device = next(backbone.parameters()).device
+    feats, labels = extract_features(
+        backbone, train_set, transform, batch_size, device, workers, amp=amp, desc="knn bank"
+    )
+    test_feats, test_labels = extract_features(
+        backbone, test_set, transform, batch_size, device, workers, amp=amp, desc="knn test"
+    )
+    return knn_accuracy(feats.to(device), labels, test_feats, test_labels, k, t, chunk=chunk)
+
+
+def knn_eval(cfg: KnnConfig) -> dict[str, Any]:
+    """Run the kNN evaluation ``cfg`` describes; returns what results.json holds.
+
+    Features of the centre-cropped train and test images (cached in the run directory as
+    features-train/test.pt unless ``knn.cache_features`` is off), then one similarity pass
+    for every k in ``knn.k``. Results: {"k200": {"top1", "top5"}, ...} plus the settings.
+    """
+    setup = open_run(cfg, "knn-eval", resume=None, trains=False)
+    splits = load_splits(cfg.data, setup.channels)
+    if max(cfg.knn.k) > len(splits.train):
+        raise ConfigError(
+            f"'knn.k' {cfg.knn.k} asks for more neighbours than the {len(splits.train)} "
+            "training images"
+        )
+    start_run(setup, cfg)
+    (train_x, train_y), (test_x, test_y) = split_features(
+        cfg, setup, splits, cfg.knn.cache_features
+    )
+    # The bank goes to the device once; queries follow chunk by chunk.
+    bank = F.normalize(train_x.to(setup.device), dim=1)
+    accuracies = knn_accuracies(
+        bank,
+        train_y,
+        F.normalize(test_x, dim=1),
+        test_y,
+        cfg.knn.k,
+        cfg.knn.temperature,
+        splits.num_classes,
+        cfg.knn.chunk,
+        normalized=True,
+    )
+    results = {f"k{k}": acc for k, acc in accuracies.items()}
+    results |= {
+        "run_dir": str(setup.run_dir),
+        "temperature": cfg.knn.temperature,
+        "num_classes": splits.num_classes,
+        "train_images": len(train_y),
+        "test_images": len(test_y),
+    }
+    write_results(setup, cfg, "knn-eval", results)
+    return results

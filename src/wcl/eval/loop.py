@@ -1,0 +1,248 @@
+"""The supervised training loop shared by the linear probe (both modes) and fine-tuning.
+
+SGD (optionally Nesterov) with a per-iteration cosine schedule from the peak lr to 0,
+cross-entropy, a test pass every ``eval_every`` epochs (and after the last), and a
+resumable ``last.pt`` (trained weights, optimiser, epoch, step, history). The data order
+of epoch e is a function of (seed, e), and :class:`wcl.eval.data.MapImages` makes each
+augmentation a function of (seed, e, index), so a resumed run repeats exactly what an
+uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from wcl.checkpoint import save_checkpoint
+from wcl.data import sample_seed
+from wcl.eval.features import autocast
+from wcl.optim import lr_at
+
+__all__ = [
+    "Recipe",
+    "epoch_generator",
+    "evaluate",
+    "fit",
+    "seeded_loader",
+    "summarise",
+    "tensor_batches",
+    "topk_hits",
+]
+
+
+@dataclass
+class Recipe:
+    """How to train: epochs, peak lr (already batch-scaled), SGD settings, cadence."""
+
+    epochs: int
+    peak_lr: float
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    eval_every: int = 1
+    checkpoint_every: int = 1
+
+    def optimizer(self, params: Iterable) -> torch.optim.SGD:
+        # Nesterov needs a momentum > 0 in torch; momentum 0 means plain SGD.
+        return torch.optim.SGD(
+            params,
+            lr=self.peak_lr,
+            momentum=self.momentum,
+            nesterov=self.nesterov and self.momentum > 0,
+            weight_decay=self.weight_decay,
+        )
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator seeded by a pure function of (seed, epoch)."""
+    return torch.Generator().manual_seed(sample_seed(seed, epoch, -1) % 2**63)
+
+
+def tensor_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, epoch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled mini-batches of in-memory tensors (N, ...) / (N,), order from (seed, epoch).
+
+    Whole-batch indexing, on the tensors' device: far faster than a DataLoader over a
+    TensorDataset, which indexes and stacks one row at a time.
+    """
+    order = torch.randperm(len(x), generator=epoch_generator(seed, epoch)).to(x.device)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        yield x[index], y[index]
+
+
+def seeded_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    workers: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A shuffled loader whose order is a function of (seed, epoch) only."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    generator = epoch_generator(seed, epoch)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+    )
+
+
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor, top: int = 5) -> torch.Tensor:
+    """(top-1 hits, top-``top`` hits) of a batch: int64 (2,). ``top`` is capped at the classes."""
+    top = min(top, logits.shape[1])
+    pred = logits.topk(top, dim=1).indices
+    hit = pred == targets[:, None]
+    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()])
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    amp: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """{"top1": %, "top5": %, "loss": mean cross-entropy} of ``model`` (eval mode) on ``batches``."""
+    was_training = model.training
+    model.eval()
+    hits = torch.zeros(2, dtype=torch.int64, device=device)
+    loss = torch.zeros((), device=device)
+    count = 0
+    try:
+        for x, y in tqdm(batches, desc="test", disable=not progress, leave=False):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits = model(x).float()
+            hits += topk_hits(logits, y)
+            loss += F.cross_entropy(logits, y, reduction="sum")
+            count += len(y)
+    finally:
+        model.train(was_training)
+    count = max(count, 1)
+    top1, top5 = (100.0 * h / count for h in hits.tolist())
+    return {"top1": top1, "top5": top5, "loss": float(loss) / count}
+
+
+def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"final": last evaluated epoch, "best": the evaluated epoch with the best top-1}."""
+    rows = [r for r in history if "top1" in r]
+    if not rows:
+        return {}
+    pick = ("epoch", "top1", "top5")
+    best = max(rows, key=lambda r: r["top1"])  # first of equals: the earliest epoch
+    return {"final": {k: rows[-1][k] for k in pick}, "best": {k: best[k] for k in pick}}
+
+
+def fit(
+    model: nn.Module,
+    saved: nn.Module,
+    recipe: Recipe,
+    optimizer: torch.optim.Optimizer,
+    batches_for: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    steps_per_epoch: int,
+    test: Callable[[], dict[str, float]],
+    run_dir: Path | None,
+    device: torch.device,
+    *,
+    amp: torch.dtype | None = None,
+    state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    report: Callable[[list[dict[str, Any]], bool], None] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[dict[str, Any]]:
+    """Train ``model`` (logits = model(x)) with cross-entropy; returns the per-epoch history.
+
+    ``saved`` is the part written to ``run_dir/last.pt`` as ``model`` (e.g. only the linear
+    layer of a probe), with the optimiser, ``epoch``, ``step``, ``history`` and ``extra``
+    (``run_dir`` None: nothing is written).
+    ``batches_for(epoch)`` gives that epoch's training batches; ``test()`` the test
+    metrics. ``state``: a loaded ``last.pt`` to continue from. ``report(history, done)``
+    is called after every test pass (e.g. to write results.json).
+    """
+    history: list[dict[str, Any]] = []
+    epoch = step = 0
+    if state is not None:
+        saved.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
+    total = recipe.epochs * steps_per_epoch
+    while epoch < recipe.epochs:
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        seen, tick = 0, time.perf_counter()
+        bar = tqdm(
+            batches_for(epoch),
+            total=steps_per_epoch,
+            desc=f"{desc} {epoch + 1}/{recipe.epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        lr = recipe.peak_lr
+        for x, y in bar:
+            lr = lr_at(step, recipe.peak_lr, 0, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(y)
+            seen += len(y)
+            step += 1
+        epoch += 1
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": step,
+            "lr": lr,
+            "loss": float(loss_sum) / max(seen, 1),
+            "seconds": time.perf_counter() - tick,
+        }
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(f"non-finite training loss in epoch {epoch}: {row}")
+        evaluated = epoch % recipe.eval_every == 0 or epoch == recipe.epochs
+        if evaluated:
+            row.update({f"test_{k}" if k == "loss" else k: v for k, v in test().items()})
+        history.append(row)
+        if progress:
+            shown = f" top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if evaluated else ""
+            tqdm.write(f"{desc} epoch {epoch}: loss {row['loss']:.4f}{shown}")
+        due = epoch % recipe.checkpoint_every == 0 or epoch == recipe.epochs
+        if run_dir is not None and due:
+            save_checkpoint(
+                {
+                    **(extra or {}),
+                    "model": saved.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "history": history,
+                },
+                run_dir / "last.pt",
+            )
+        if evaluated and report is not None:
+            report(history, epoch == recipe.epochs)
+    return history

@@ -1,0 +1,141 @@
+"""Export a backbone: plain torchvision state dict, safetensors, JSON sidecar, optional ONNX.
+
+``OUT_DIR/backbone.pt`` holds only tensors keyed like torchvision's ResNets, so for a
+standard backbone (ResNet-18/34/50/101, ImageNet stem, 3 channels, width 64)
+``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` reports only
+``fc.weight`` / ``fc.bias`` missing. Other backbones (small stem, other widths, ResNet-10,
+greyscale input) load into ``wcl.backbones.build_backbone(**spec)``; ``backbone.json``
+says which, and how images must be prepared.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wcl.data import dataset_stats
+from wcl.weights import BackboneSpec, atomic_write, load_backbone, write_json
+
+__all__ = ["OnnxUnavailableError", "export_backbone", "input_size"]
+
+
+class OnnxUnavailableError(RuntimeError):
+    """ONNX export was asked for but the ``onnx`` / ``onnxscript`` packages are missing."""
+
+
+def input_size(spec: BackboneSpec, config: dict[str, Any] | None) -> int:
+    """Image side (pixels) the backbone was trained on: the config's, else 224 / 32 by stem."""
+    size = ((config or {}).get("data") or {}).get("image_size")
+    if isinstance(size, int) and size > 0:
+        return size
+    return 224 if spec.stem == "imagenet" else 32
+
+
+def _normalisation(spec: BackboneSpec, config: dict[str, Any] | None) -> dict[str, Any]:
+    dataset = ((config or {}).get("data") or {}).get("dataset", "imagenet")
+    mean, std = dataset_stats(dataset, spec.in_channels)
+    return {"dataset": dataset, "mean": list(mean), "std": list(std), "pixel_scale": "[0, 1]"}
+
+
+def _sidecar(spec: BackboneSpec, config: dict | None, source: Path, files: dict) -> dict:
+    args = f"{spec.name!r}, stem={spec.stem!r}, in_channels={spec.in_channels}, width={spec.width}"
+    rebuild = {"wcl": f"wcl.backbones.build_backbone({args})"}
+    if spec.torchvision_compatible:
+        rebuild["torchvision"] = (
+            f"torchvision.models.{spec.name}(); load_state_dict(sd, strict=False) "
+            "(only fc.weight and fc.bias are missing; set fc = torch.nn.Identity() for features)"
+        )
+    size = input_size(spec, config)
+    return {
+        "format": "wcl-backbone",
+        "backbone": spec.to_dict(),
+        "torchvision_compatible": spec.torchvision_compatible,
+        "rebuild": rebuild,
+        "input": {
+            "shape": ["batch", spec.in_channels, size, size],
+            "normalisation": _normalisation(spec, config),
+        },
+        "output": {"shape": ["batch", spec.feature_dim], "what": "global-average-pooled features"},
+        "source": str(source),
+        "files": files,
+    }
+
+
+def _require_onnx() -> None:
+    # torch's ONNX exporter (dynamo=True) needs both packages.
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise OnnxUnavailableError(
+            f"ONNX export needs the {' and '.join(missing)} package(s): "
+            "pip install onnx onnxscript (or pip install 'wcl[dev]')"
+        )
+
+
+def _export_onnx(module: torch.nn.Module, spec: BackboneSpec, size: int, path: Path) -> None:
+    example = torch.zeros(2, spec.in_channels, size, size)
+    batch = torch.export.Dim("batch")
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        torch.onnx.export(
+            module,
+            (example,),
+            str(tmp),
+            input_names=["images"],
+            output_names=["features"],
+            dynamic_shapes={"x": {0: batch}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_backbone(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    onnx: bool = False,
+    name: str = "backbone",
+) -> dict[str, Path]:
+    """Write the backbone of ``checkpoint`` (any source :func:`load_backbone` reads).
+
+    Files in ``out_dir``: ``{name}.pt`` (plain state dict, ``torch.save``),
+    ``{name}.safetensors`` (same tensors; the spec in its metadata), ``{name}.json``
+    (sidecar: architecture, rebuild recipe, input size and normalisation) and, with
+    ``onnx``, ``{name}.onnx`` (input ``images`` (B, C, H, W) float32 with a dynamic batch,
+    output ``features`` (B, feature_dim); H = W = the training image size). Returns
+    {"pt" | "safetensors" | "json" | "onnx": path}. Raises OnnxUnavailableError, before
+    anything is written, when ONNX is asked for without the packages installed.
+    """
+    if onnx:
+        _require_onnx()  # before anything is read or written
+    loaded = load_backbone(checkpoint)
+    spec, module = loaded.spec, loaded.module.eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"pt": out / f"{name}.pt", "safetensors": out / f"{name}.safetensors"}
+    if onnx:
+        paths["onnx"] = out / f"{name}.onnx"
+    paths["json"] = out / f"{name}.json"
+
+    # Detached contiguous copies: safetensors refuses views and shared storage.
+    state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    atomic_write(paths["pt"], lambda f: torch.save(state, f))
+
+    from safetensors.torch import save
+
+    blob = save(state, metadata={"wcl_backbone": json.dumps(spec.to_dict())})
+    atomic_write(paths["safetensors"], lambda f: f.write(blob))
+
+    if onnx:
+        _export_onnx(module, spec, input_size(spec, loaded.config), paths["onnx"])
+    files = {kind: path.name for kind, path in paths.items() if kind != "json"}
+    write_json(paths["json"], _sidecar(spec, loaded.config, Path(checkpoint), files))
+    return paths
