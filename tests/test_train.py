@@ -1,6 +1,7 @@
 """Real short pre-training runs on the committed Fashion-MNIST fixture."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from wcl.checkpoint import load_checkpoint
+from wcl.checkpoint import CheckpointError, load_checkpoint
 from wcl.cli import main
 from wcl.config import ConfigError, load_config
 from wcl.train import pretrain
@@ -137,3 +138,19 @@ def test_simclr_baseline_and_cli(tmp_path, capsys):
 def test_batch_larger_than_data_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="fewer than one global batch"):
         pretrain(tiny_config(tmp_path / "big", "train.batch_size=512"))
+
+
+def test_batched_augmentation_trains_and_resumes_exactly(full_run, tmp_path):
+    """data.augment=batch: same-seed runs agree, a resumed run ends where an uninterrupted
+    one does, and it is a different (valid) run from the per-image pipeline's."""
+    first = tmp_path / "batch"
+    pretrain(tiny_config(first, "data.augment=batch"))
+    resumed = tmp_path / "batch-resumed"
+    pretrain(tiny_config(resumed, "data.augment=batch"), resume=str(first / "epoch-0001.pt"))
+    assert_same_weights(final_weights(resumed), final_weights(first))
+    ours, loader = final_weights(first), final_weights(full_run)
+    assert not torch.equal(ours["backbone.conv1.weight"], loader["backbone.conv1.weight"])
+    rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    with pytest.raises(CheckpointError, match="data.augment"):
+        pretrain(tiny_config(tmp_path / "x"), resume=str(first / "epoch-0001.pt"))

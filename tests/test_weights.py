@@ -295,3 +295,22 @@ def test_unreadable_and_foreign_files_are_clear_errors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match="safetensors"):
         load_backbone(tmp_path / "bad.safetensors")
+
+
+def test_stride2_small_stem_survives_export_and_load(tmp_path):
+    """The weights of a stride-1 and a stride-2 small stem look alike; the config decides."""
+    from wcl.backbones import build_backbone
+    from wcl.checkpoint import save_checkpoint
+    from wcl.weights import load_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet10", stem="small-s2", in_channels=1, width=8).eval()
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    config = {"model": {"backbone": "resnet10", "stem": "small-s2", "width": 8},
+              "data": {"image_size": 28, "channels": 1, "dataset": "fashion_mnist"}}  # fmt: skip
+    save_checkpoint({"kind": "pretrain", "model": state, "config": config}, tmp_path / "c.pt")
+    loaded = load_backbone(tmp_path / "c.pt")
+    assert loaded.spec.stem == "small-s2" and loaded.module.conv1.stride == (2, 2)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module.eval()(x), backbone(x), atol=1e-6)

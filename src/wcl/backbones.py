@@ -15,7 +15,7 @@ BACKBONES = {
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
     "resnet101": (Bottleneck, [3, 4, 23, 3]),
 }
-STEMS = ("imagenet", "small")
+STEMS = ("imagenet", "small", "small-s2")
 
 
 def _rebuild_stages(net: ResNet, block: type[nn.Module], layers: list[int], width: int) -> None:
@@ -34,7 +34,8 @@ def build_backbone(
     """A torchvision ResNet whose forward gives pooled features (B, C).
 
     stem "imagenet": 7x7 stride-2 conv + max-pool (224 px input). stem "small": 3x3
-    stride-1 conv and no max-pool, for 28-32 px images (CIFAR, Fashion-MNIST).
+    stride-1 conv and no max-pool, for 28-32 px images (CIFAR, Fashion-MNIST); "small-s2":
+    the same with stride 2, four times cheaper, for CPU budgets.
     ``in_channels`` = 1 takes greyscale input directly; ``width`` is the first stage's
     channel count (64 in every torchvision ResNet; smaller is faster on a CPU).
     C = ``backbone.feature_dim`` = 8 * width * block expansion (512 for ResNet-18,
@@ -49,8 +50,11 @@ def build_backbone(
     net = ResNet(block, layers)
     if width != 64:
         _rebuild_stages(net, block, layers, width)
-    if stem == "small":
-        net.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+    if stem in ("small", "small-s2"):
+        stride = 2 if stem == "small-s2" else 1
+        net.conv1 = nn.Conv2d(
+            in_channels, width, kernel_size=3, stride=stride, padding=1, bias=False
+        )
         net.maxpool = nn.Identity()
     else:
         net.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)

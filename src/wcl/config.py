@@ -50,6 +50,7 @@ class DataConfig:
     image_size: int = 28  # crop size in pixels
     channels: int = 1  # 1 = greyscale, 3 = RGB
     workers: int = 2  # DataLoader worker processes per training process
+    augment: str = "loader"  # loader: per image in the workers | batch: whole batches on device
     subset: int | None = None  # use only the first N training images
     weak_min_scale: float = 0.2  # RandomResizedCrop lower scale, weak (warm-up) pipeline
     strong_min_scale: float = 0.08  # the same, strong pipeline
@@ -118,8 +119,9 @@ class Config:
 CHOICES = {
     "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
     "data.channels": (1, 3),
+    "data.augment": ("loader", "batch"),
     "model.backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
-    "model.stem": ("imagenet", "small"),
+    "model.stem": ("imagenet", "small", "small-s2"),
     "model.gather": ("exact", "release"),
     "optim.lr_scaling": ("sqrt", "linear", "none"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -241,7 +243,7 @@ def validate(cfg: Config) -> None:
             f"'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds 'train.epochs' "
             f"({cfg.train.epochs})"
         )
-    min_size = 8 if cfg.model.stem == "small" else 32
+    min_size = 8 if cfg.model.stem.startswith("small") else 32
     if cfg.data.image_size < min_size:
         raise ConfigError(
             f"'data.image_size' {cfg.data.image_size} is too small for stem "
@@ -252,6 +254,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"'data.channels' must be {native} for dataset {cfg.data.dataset!r}, "
             f"got {cfg.data.channels}"
+        )
+    if cfg.data.augment == "batch" and cfg.data.dataset in ("folder", "stl10"):
+        raise ConfigError(
+            f"'data.augment' batch needs same-size in-memory images; dataset "
+            f"{cfg.data.dataset!r} needs 'loader'"
         )
     if cfg.data.dataset == "folder" and not cfg.data.root:
         raise ConfigError("'data.root' must name the image folder when 'data.dataset' is 'folder'")

@@ -24,12 +24,16 @@ from wcl.checkpoint import set_rng_state
 from wcl.config import Config, ConfigError
 from wcl.data import (
     TwoViews,
+    WithIndex,
+    batch_strong_pipeline,
+    batch_weak_pipeline,
     build_dataset,
     dataset_stats,
     eval_pipeline,
     first_readable,
     read_skip_log,
     strong_pipeline,
+    two_view_seeds,
     unwrap_image_folder,
     weak_pipeline,
 )
@@ -69,11 +73,15 @@ def build_model(cfg: Config) -> WCL:
 
 
 def _training_data(cfg: Config, run_dir: Path):
-    """The two-view training set, its class names ([] if unlabelled), the (weak, strong)
+    """The training set, its class names ([] if unlabelled), and the (weak, strong)
     augmentation pipelines.
 
-    Unreadable images in a folder data set are replaced by the next readable one and
-    listed in ``run_dir/skipped.jsonl``; a data set with no readable image is an error
+    data.augment "loader": the set yields two augmented views per image (``TwoViews``,
+    per-image pipelines run in the DataLoader workers). "batch": it yields raw uint8
+    images with their index, and the pipelines (``BatchAugment``) run on whole batches on
+    the training device. Either way each image's augmentation depends only on (seed, epoch,
+    index). Unreadable images in a folder data set are replaced by the next readable one
+    and listed in ``run_dir/skipped.jsonl``; a data set with no readable image is an error
     here, before any training.
     """
     d = cfg.data
@@ -86,10 +94,16 @@ def _training_data(cfg: Config, run_dir: Path):
     if d.subset is not None:
         dataset = Subset(dataset, range(min(d.subset, len(dataset))))
     mean, std = dataset_stats(d.dataset, d.channels)
-    weak = weak_pipeline(
+    batched = d.augment == "batch"
+    weak_fn, strong_fn = (
+        (batch_weak_pipeline, batch_strong_pipeline)
+        if batched
+        else (weak_pipeline, strong_pipeline)
+    )
+    weak = weak_fn(
         d.image_size, mean, std, min_scale=d.weak_min_scale, jitter=d.jitter, blur_prob=d.blur_prob
     )
-    strong = strong_pipeline(
+    strong = strong_fn(
         d.image_size,
         mean,
         std,
@@ -97,7 +111,8 @@ def _training_data(cfg: Config, run_dir: Path):
         jitter=d.jitter,
         blur_prob=d.blur_prob,
     )
-    return TwoViews(dataset, weak, seed=cfg.train.seed), classes, weak, strong
+    data = WithIndex(dataset) if batched else TwoViews(dataset, weak, seed=cfg.train.seed)
+    return data, classes, weak, strong
 
 
 def _knn_monitor(cfg: Config):
@@ -203,7 +218,9 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
 
     # Data: every process sees a disjoint 1/world of each global batch.
     views, classes, weak, strong = _training_data(cfg, run_dir)
-    labelled = bool(classes)
+    labelled, batched = bool(classes), cfg.data.augment == "batch"
+    if batched:
+        weak, strong = weak.to(device), strong.to(device)
     local_batch = cfg.train.batch_size // world
     sampler = ResumableSampler(
         views, num_replicas=world, rank=info.rank, shuffle=True, seed=cfg.train.seed,
@@ -274,7 +291,9 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
             # Non-zero only when resuming part-way through this epoch.
             sampler.skip = (state.step - epoch * steps_per_epoch) * local_batch
             # The weak (MoCo v2) augmentation during warm-up, the strong (SimCLR) one after.
-            views.set_epoch(epoch, weak if epoch < cfg.optim.warmup_epochs else strong)
+            augment = weak if epoch < cfg.optim.warmup_epochs else strong
+            if not batched:
+                views.set_epoch(epoch, augment)
             net.train()
             window: list[dict] = []
             tick = time.perf_counter()
@@ -282,9 +301,16 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
                 loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not main,
                 initial=state.step - epoch * steps_per_epoch, total=steps_per_epoch,
             )  # fmt: skip
-            for x1, x2, targets in bar:
+            for loaded in bar:
                 lr = lr_at(state.step, peak_lr, warmup_steps, total_steps, cfg.optim.final_lr)
                 set_lr(optimizer, lr)
+                if batched:
+                    images, targets, indices = loaded
+                    images = images.to(device, non_blocking=True)
+                    seeds1, seeds2 = two_view_seeds(cfg.train.seed, epoch, indices)
+                    x1, x2 = augment(images, seeds1), augment(images, seeds2)
+                else:
+                    x1, x2, targets = loaded
                 x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
                 x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
                 targets = targets.to(device, non_blocking=True) if labelled else None

@@ -25,14 +25,14 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from wcl.backbones import BACKBONES, build_backbone
+from wcl.backbones import BACKBONES, STEMS, build_backbone
 from wcl.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = [
@@ -200,6 +200,11 @@ def load_backbone(path: str | os.PathLike, strict: bool = True) -> LoadedBackbon
         spec = infer_spec(state)
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from err
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else _sidecar_config(path)
+    # The weights cannot tell a stride-1 from a stride-2 small stem; the config can.
+    stem = ((config or {}).get("model") or {}).get("stem")
+    if stem in STEMS and (stem == "imagenet") == (spec.stem == "imagenet"):
+        spec = replace(spec, stem=stem)
     module = spec.build()
     missing, unexpected = module.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
@@ -207,7 +212,6 @@ def load_backbone(path: str | os.PathLike, strict: bool = True) -> LoadedBackbon
             f"{path}: backbone weights do not fit a {spec.name} ({spec.stem} stem, width "
             f"{spec.width}): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    config = obj.get("config") if isinstance(obj.get("config"), dict) else _sidecar_config(path)
     return LoadedBackbone(module, spec, source, config)
 
 
@@ -222,7 +226,9 @@ def _sidecar_config(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     if info.get("format") != "wcl-backbone":
         return None
-    return {"data": {"image_size": size, "dataset": normalisation.get("dataset")}}
+    stem = (info.get("backbone") or {}).get("stem")
+    return {"data": {"image_size": size, "dataset": normalisation.get("dataset")},
+            "model": {"stem": stem}}  # fmt: skip
 
 
 def atomic_write(path: str | os.PathLike, write: Any, mode: str = "wb") -> None:

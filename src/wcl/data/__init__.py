@@ -2,11 +2,18 @@
 
 from wcl.data.augment import (
     TwoViews,
+    WithIndex,
     blur_kernel_size,
     eval_pipeline,
     sample_seed,
     strong_pipeline,
     weak_pipeline,
+)
+from wcl.data.batch_augment import (
+    BatchAugment,
+    batch_strong_pipeline,
+    batch_weak_pipeline,
+    two_view_seeds,
 )
 from wcl.data.check import BrokenFile, DataReport, SizeStats, check_data
 from wcl.data.datasets import (
@@ -35,12 +42,14 @@ from wcl.data.datasets import (
 )
 
 __all__ = [
+    "WithIndex",
     "BROKEN_REASONS",
     "DATASET_NAMES",
     "DATASET_STATS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
+    "BatchAugment",
     "BrokenFile",
     "BrokenImageError",
     "BrokenImageWarning",
@@ -51,6 +60,8 @@ __all__ = [
     "SizeStats",
     "TensorImageDataset",
     "TwoViews",
+    "batch_strong_pipeline",
+    "batch_weak_pipeline",
     "blur_kernel_size",
     "build_dataset",
     "check_data",
@@ -65,6 +76,7 @@ __all__ = [
     "read_skip_log",
     "sample_seed",
     "strong_pipeline",
+    "two_view_seeds",
     "unwrap_image_folder",
     "weak_pipeline",
 ]

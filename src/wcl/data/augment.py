@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 __all__ = [
+    "WithIndex",
     "TwoViews",
     "blur_kernel_size",
     "eval_pipeline",
@@ -181,3 +182,18 @@ class TwoViews(Dataset):
             view1 = self.transform(image)
             view2 = self.transform(image)
         return view1, view2, target
+
+
+class WithIndex(Dataset):
+    """``(image, target)`` -> ``(image, target, index)``: raw uint8 samples for batched
+    augmentation on the training device, which seeds each sample by its index."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image, target = self.base[index]
+        return image, target, index

@@ -1,0 +1,278 @@
+"""Data pipeline throughput: two-view images/s of the weak and strong augmentations.
+
+``python bench/augment_pipeline.py [--quick] [--images N] [--reps R] [--out PATH]``
+
+Three ways to make the two augmented views of every image, on the same uint8 images:
+
+(a) ``pil-v1``: the release's pipeline, PIL + torchvision.transforms (v1), per image in a
+    DataLoader with 0, 1 and 2 workers: ToPILImage, RandomResizedCrop, RandomApply(ColorJitter,
+    p=0.8), RandomGrayscale(0.2), RandomApply(GaussianBlur, p=blur), horizontal flip, ToTensor,
+    Normalize, in the release's order. On greyscale images it runs the same ops (PIL makes
+    saturation, hue and greyscale no-ops on mode "L", but they still cost a little).
+(b) ``v2-per-image``: wcl's per-image v2 pipelines through ``TwoViews``, same workers.
+(c) ``batch``: :class:`wcl.data.BatchAugment` in the main process on whole batches of 256,
+    seeds (``two_view_seeds``) included. ``batch, loader`` reads uint8 images and indices
+    through a DataLoader (0 workers) as a trainer would; ``batch, aug only`` slices the
+    uint8 tensor directly.
+
+Data: Fashion-MNIST (28 px greyscale, from ``wcl.data.load_fashion_mnist``) and "photos32":
+CIFAR-like 32 px RGB tiles cut from the test fixture photos. "images/s" counts source images,
+each turned into two views. Each figure is the median of ``--reps`` timed passes over the
+images; workers are persistent and warmed up by one untimed pass, so start-up is excluded.
+The main process uses ``--threads`` torch threads (default 1: on a small shared machine
+intra-op threads mostly contend; DataLoader workers always use 1). Ratios are against (a)
+with 0 workers in the same run. Results: a markdown table on stdout and a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as v1
+from torchvision.transforms.v2 import functional as TF
+
+from wcl.data import (
+    BatchAugment,
+    TwoViews,
+    batch_strong_pipeline,
+    batch_weak_pipeline,
+    blur_kernel_size,
+    dataset_stats,
+    decode_image,
+    load_fashion_mnist,
+    strong_pipeline,
+    two_view_seeds,
+    weak_pipeline,
+)
+
+BATCH = 256
+PHOTOS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "photos"
+WORKERS = (0, 1, 2)
+
+
+class Images(Dataset):
+    """uint8 ``(N, C, H, W)`` images as ``(image, index)`` samples."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], index
+
+
+class PilTwoViews(Dataset):
+    """Two views per image from a PIL pipeline: ``(view1, view2, index)``."""
+
+    def __init__(self, images: torch.Tensor, transform: Callable) -> None:
+        self.images = images
+        self.transform = transform
+        self.to_pil = v1.ToPILImage()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image = self.to_pil(self.images[index])  # once per image, as a PIL dataset would load
+        return self.transform(image), self.transform(image), index
+
+
+def release_pipeline(size: int, mean, std, strong: bool, blur_prob: float = 0.5) -> v1.Compose:
+    """The release's PIL + v1 augmentation (MoCo v2 weak / SimCLR strong) at ``size`` pixels."""
+    crop = v1.RandomResizedCrop(size, scale=(0.08 if strong else 0.2, 1.0))
+    strengths = (0.8, 0.8, 0.8, 0.2) if strong else (0.4, 0.4, 0.4, 0.1)
+    jitter = v1.RandomApply([v1.ColorJitter(*strengths)], p=0.8)
+    blur = v1.RandomApply([v1.GaussianBlur(blur_kernel_size(size), (0.1, 2.0))], p=blur_prob)
+    flip = v1.RandomHorizontalFlip()
+    ops = [crop, flip, jitter, v1.RandomGrayscale(0.2), blur]
+    if not strong:
+        ops = [crop, jitter, v1.RandomGrayscale(0.2), blur, flip]
+    return v1.Compose([*ops, v1.ToTensor(), v1.Normalize(mean, std)])
+
+
+def fashion_images(count: int) -> torch.Tensor:
+    return load_fashion_mnist().images[:count]
+
+
+def photo_tiles(count: int, side: int = 32, stride: int = 8) -> torch.Tensor:
+    """``count`` CIFAR-like ``side``-px RGB tiles of the fixture photos (cycled), uint8."""
+    tiles = []
+    for path in sorted(p for p in PHOTOS.iterdir() if p.suffix in (".png", ".jpg")):
+        photo = decode_image(path, channels=3)
+        _, height, width = photo.shape
+        for top in range(0, height - side + 1, stride):
+            for left in range(0, width - side + 1, stride):
+                tiles.append(TF.crop(photo, top, left, side, side))
+    return torch.stack([tiles[i % len(tiles)] for i in range(count)])
+
+
+def time_passes(run_pass: Callable[[], int], reps: int, warm_up: bool) -> list[float]:
+    """Images/s of ``reps`` timed calls of ``run_pass`` (returns images done)."""
+    if warm_up:
+        run_pass()
+    rates = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        done = run_pass()
+        rates.append(done / (time.perf_counter() - start))
+    return rates
+
+
+def loader_pass(dataset: Dataset, workers: int) -> Callable[[], int]:
+    loader = DataLoader(
+        dataset,
+        batch_size=BATCH,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers else None,
+    )
+
+    def run() -> int:
+        done = 0
+        for batch in loader:
+            done += len(batch[-1])
+        return done
+
+    return run
+
+
+def batch_loader_pass(images: torch.Tensor, aug: BatchAugment) -> Callable[[], int]:
+    """uint8 images + indices through a DataLoader (main process), then two batched views."""
+    loader = DataLoader(Images(images), batch_size=BATCH, num_workers=0)
+    epoch = [0]
+
+    def run() -> int:
+        done = 0
+        for batch, indices in loader:
+            seeds1, seeds2 = two_view_seeds(0, epoch[0], indices)
+            aug(batch, seeds1), aug(batch, seeds2)
+            done += len(batch)
+        epoch[0] += 1
+        return done
+
+    return run
+
+
+def batch_only_pass(images: torch.Tensor, aug: BatchAugment) -> Callable[[], int]:
+    """Two batched views of consecutive slices of the uint8 tensor, seeds included."""
+    epoch = [0]
+
+    def run() -> int:
+        for start in range(0, len(images), BATCH):
+            indices = range(start, min(start + BATCH, len(images)))
+            seeds1, seeds2 = two_view_seeds(0, epoch[0], indices)
+            batch = images[start : start + BATCH]
+            aug(batch, seeds1), aug(batch, seeds2)
+        epoch[0] += 1
+        return len(images)
+
+    return run
+
+
+def measure(name: str, images: torch.Tensor, stats_name: str, reps: int) -> dict[str, dict]:
+    """All methods on one data set, weak and strong: {column: {row: [images/s per rep]}}."""
+    size = images.shape[-1]
+    mean, std = dataset_stats(stats_name, images.shape[1])
+    results: dict[str, dict] = {}
+    for strong in (False, True):
+        column = f"{name} {'strong' if strong else 'weak'}"
+        per_image = (strong_pipeline if strong else weak_pipeline)(size, mean, std)
+        batched = (batch_strong_pipeline if strong else batch_weak_pipeline)(size, mean, std)
+        pil = PilTwoViews(images, release_pipeline(size, mean, std, strong))
+        v2_views = TwoViews(Images(images), per_image, seed=0)
+        rows: dict[str, list[float]] = {}
+        for workers in WORKERS:
+            rows[f"(a) pil-v1, {workers} workers"] = time_passes(
+                loader_pass(pil, workers), reps, warm_up=workers > 0
+            )
+        for workers in WORKERS:
+            rows[f"(b) v2-per-image, {workers} workers"] = time_passes(
+                loader_pass(v2_views, workers), reps, warm_up=workers > 0
+            )
+        rows["(c) batch, loader"] = time_passes(batch_loader_pass(images, batched), reps, True)
+        rows["(c) batch, aug only"] = time_passes(batch_only_pass(images, batched), reps, True)
+        results[column] = rows
+        best = {k: round(statistics.median(v)) for k, v in rows.items()}
+        print(f"  {column}: {best}", flush=True)
+    return results
+
+
+def markdown(results: dict[str, dict]) -> str:
+    columns = list(results)
+    rows = list(results[columns[0]])
+    lines = [
+        "| method | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for row in rows:
+        cells = []
+        for column in columns:
+            base = statistics.median(results[column]["(a) pil-v1, 0 workers"])
+            value = statistics.median(results[column][row])
+            cells.append(f"{value:,.0f} ({value / base:.1f}x)")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images and reps (~20 s)")
+    parser.add_argument("--images", type=int, help="images per data set (default 1536; quick 384)")
+    parser.add_argument("--reps", type=int, help="timed passes per figure (default 3; quick 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, main process")
+    parser.add_argument("--out", type=Path, help="JSON path (default runs/bench/...)")
+    args = parser.parse_args()
+    count = args.images or (384 if args.quick else 1536)
+    reps = args.reps or (2 if args.quick else 3)
+    out = args.out or Path("runs/bench") / (
+        "augment_pipeline-quick.json" if args.quick else "augment_pipeline.json"
+    )
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    print(f"{count} images per data set, {reps} reps, batch {BATCH}, load average {load}")
+
+    start = time.perf_counter()
+    results = measure("fashion-mnist", fashion_images(count), "fashion_mnist", reps)
+    results |= measure("photos32", photo_tiles(count), "cifar10", reps)
+    seconds = time.perf_counter() - start
+
+    table = markdown(results)
+    print(f"\nTwo-view images/s (median of {reps}); ratio vs (a) with 0 workers:\n")
+    print(table)
+    record = {
+        "images": count,
+        "reps": reps,
+        "batch_size": BATCH,
+        "main_threads": args.threads,
+        "load_average_before": load,
+        "load_average_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "seconds": round(seconds, 1),
+        "images_per_s": results,
+        "median_images_per_s": {
+            c: {r: statistics.median(v) for r, v in rows.items()} for c, rows in results.items()
+        },
+        "table": table,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\n{seconds:.0f} s; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

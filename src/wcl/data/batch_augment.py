@@ -1,0 +1,571 @@
+"""Batched contrastive augmentation: whole uint8 batches on any device, one call per view.
+
+:class:`BatchAugment` reproduces the per-image pipelines of :mod:`wcl.data.augment`
+(:func:`~wcl.data.augment.weak_pipeline` and :func:`~wcl.data.augment.strong_pipeline`) in
+distribution, but works on a whole batch ``(B, C, H, W)`` at once, so the cost per image is
+a few tensor operations rather than a dozen Python calls. It pays off most for small images
+(Fashion-MNIST, CIFAR), where the per-image pipeline is all interpreter overhead.
+
+Randomness. Each sample carries its own 64-bit seed. Its parameters are drawn on the CPU from
+a ``torch.Generator`` seeded with that seed alone, as a fixed-length vector of uniforms, so
+a sample's augmentation never depends on the batch it is in, its position, the batch size or
+the number of processes sharing the batch. :func:`two_view_seeds` derives the two views'
+seeds from :func:`~wcl.data.augment.sample_seed`, i.e. from ``(seed, epoch, index)``. The
+draws are not the same numbers as the per-image pipeline's (that one consumes torch's global
+generator op by op), only the same distributions.
+
+Order of operations: crop + resize, flip, colour jitter (random order of its four ops per
+sample, like ``ColorJitter``), random greyscale, Gaussian blur, normalisation. The weak
+pipeline flips last and the strong one right after the crop; a horizontal flip commutes with
+every other op here (per-pixel or whole-image colour maps, a symmetric blur kernel with
+symmetric reflect padding), so one order serves both.
+
+Known (small) differences from the per-image pipeline:
+
+- The per-image pipeline runs on uint8 tensors and rounds to integers after the resize and
+  after each colour op; here everything after the first conversion stays float32 in [0, 1]
+  (differences of at most about 1/255 per op).
+- Crop + resize uses ``torchvision.ops.roi_align`` (bilinear, ``aligned=True``), i.e. the same
+  sample points as ``resize(..., antialias=False)``. Two differences: (1) output pixels whose
+  sample point falls less than half a source pixel inside the crop edge interpolate with the
+  real neighbouring pixel outside the crop, where resize of the cropped image replicates the
+  edge pixel (crops touching the image border are identical); (2) on downscaling, instead of
+  torchvision's antialias (triangle) filter, ``antialias=True`` averages
+  ``ceil(crop / size) ** 2`` bilinear samples per output pixel (roi_align's adaptive sampling),
+  a box filter of the same width. For Fashion-MNIST and CIFAR at native size every crop is
+  an upscale, where both paths are plain bilinear.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from wcl.data.augment import (
+    _BLUR_SIGMA,
+    _GRAYSCALE_PROB,
+    _JITTER_PROB,
+    _check_stats,
+    blur_kernel_size,
+    sample_seed,
+)
+
+__all__ = [
+    "BatchAugment",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "batch_strong_pipeline",
+    "batch_weak_pipeline",
+    "colour_jitter",
+    "crop_params",
+    "gaussian_blur",
+    "hflip",
+    "random_grayscale",
+    "resized_crop",
+    "rgb_to_grayscale",
+    "two_view_seeds",
+]
+
+# torchvision's rgb_to_grayscale weights (ITU-R 601 luma, with R rounded to 0.2989 as there).
+_LUMA = (0.2989, 0.587, 0.114)
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_CROP_TRIES = 10
+
+# Jitter op ids, also the column order of the factors.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+# Slots in each sample's vector of uniforms. Fixed positions, so a parameter's draw does not
+# move when the pipeline's options change (e.g. with blur_prob=0 the blur slots are drawn and
+# ignored).
+_U_AREA = slice(0, _CROP_TRIES)
+_U_RATIO = slice(_CROP_TRIES, 2 * _CROP_TRIES)
+_U_TOP, _U_LEFT = 2 * _CROP_TRIES, 2 * _CROP_TRIES + 1
+_U_FLIP = 22
+_U_JITTER = 23
+_U_FACTORS = slice(24, 28)
+_U_ORDER = slice(28, 32)
+_U_GRAY = 32
+_U_BLUR = 33
+_U_SIGMA = 34
+_N_UNIFORMS = 35
+
+_MASK64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds and parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on uint64 arrays: a bijection that mixes every input bit."""
+    x = x.copy()
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def two_view_seeds(
+    seed: int, epoch: int, indices: torch.Tensor | Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample seeds of view 1 and view 2, each int64 ``(B,)``, for dataset ``indices``.
+
+    Both are pure functions of ``sample_seed(seed, epoch, index)``: that seed plus 1 or 2
+    times an odd constant, mixed by a bijection, so the two views of a sample always differ.
+    Seeds are 64-bit patterns stored as (possibly negative) int64.
+    """
+    if isinstance(indices, torch.Tensor):
+        indices = indices.tolist()
+    base = np.array([sample_seed(seed, epoch, int(i)) for i in indices], dtype=np.uint64)
+    golden = np.uint64(0x9E3779B97F4A7C15)  # odd, so base + v * golden differs for v = 1, 2
+    with np.errstate(over="ignore"):
+        views = [_splitmix64(base + np.uint64(v) * golden) for v in (1, 2)]
+    view1, view2 = (torch.from_numpy(v.view(np.int64).copy()) for v in views)
+    return view1, view2
+
+
+def _uniforms(seeds: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` float64 uniforms in [0, 1) per seed, ``(B, count)``; row b depends on seeds[b] only."""
+    out = torch.empty(len(seeds), count, dtype=torch.float64)
+    gen = torch.Generator()
+    for row, seed in enumerate(seeds.tolist()):
+        gen.manual_seed(seed & _MASK64)  # the unsigned 64-bit pattern: a bijection of int64
+        torch.rand(count, generator=gen, dtype=torch.float64, out=out[row])
+    return out
+
+
+def _between(
+    u: torch.Tensor, low: float | torch.Tensor, high: float | torch.Tensor
+) -> torch.Tensor:
+    """Uniforms ``u`` in [0, 1) mapped affinely onto [low, high)."""
+    return low + u * (high - low)
+
+
+def crop_params(
+    u_area: torch.Tensor,
+    u_ratio: torch.Tensor,
+    u_top: torch.Tensor,
+    u_left: torch.Tensor,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+) -> torch.Tensor:
+    """RandomResizedCrop's box rule, batched: int64 ``(B, 4)`` rows ``(top, left, h, w)`` (pixels).
+
+    ``u_area``/``u_ratio``: ``(B, tries)`` uniforms for each try's area fraction (in
+    ``scale``) and log aspect ratio (in [log 3/4, log 4/3]); the first try whose rounded box
+    fits is used, placed by ``u_top``/``u_left`` ``(B,)``. If no try fits, the central crop
+    of the largest box with an aspect ratio within bounds, as torchvision does.
+    """
+    area = _between(u_area, *scale) * (height * width)
+    ratio = torch.exp(_between(u_ratio, math.log(_RATIO[0]), math.log(_RATIO[1])))
+    # torch.round rounds half to even, like Python's round() in torchvision.
+    w = torch.round(torch.sqrt(area * ratio))
+    h = torch.round(torch.sqrt(area / ratio))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting try (0 if none)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    found = fits.any(dim=1)
+
+    in_ratio = width / height
+    if in_ratio < _RATIO[0]:
+        fallback_w, fallback_h = width, round(width / _RATIO[0])
+    elif in_ratio > _RATIO[1]:
+        fallback_w, fallback_h = round(height * _RATIO[1]), height
+    else:
+        fallback_w, fallback_h = width, height
+    w = torch.where(found, w, float(fallback_w))
+    h = torch.where(found, h, float(fallback_h))
+    # A uniform integer in [0, n) as floor(u * n); min() guards against u * n rounding to n.
+    top = torch.minimum(torch.floor(u_top * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u_left * (width - w + 1)), width - w)
+    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched ops on float images in [0, 1], shape (B, C, H, W); factors are (B,) tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` values as ``(B, 1, 1, 1)`` in ``like``'s dtype and device, for broadcasting."""
+    return values.to(device=like.device, dtype=like.dtype).view(-1, 1, 1, 1)
+
+
+def resized_crop(
+    images: torch.Tensor, crops: torch.Tensor, size: int, antialias: bool = True
+) -> torch.Tensor:
+    """Crop ``crops`` ``(B, 4)`` = (top, left, h, w) pixels from float ``images`` ``(B, C, H, W)``
+    and resize each to ``(size, size)`` bilinearly, all in one ``roi_align`` call.
+
+    With ``aligned=True`` and one sample per output pixel, roi_align samples exactly where
+    ``resize(..., antialias=False)`` does (half-pixel centres). ``antialias=True`` lets
+    roi_align average ``ceil(crop / size)`` samples per axis instead, which only changes
+    downscaled crops (see the module docstring).
+    """
+    crops = crops.to(device=images.device, dtype=images.dtype)
+    top, left, h, w = crops.unbind(dim=1)
+    index = torch.arange(len(crops), device=images.device, dtype=images.dtype)
+    # Box corners on pixel edges: the crop covers pixels left..left+w-1, i.e. [left, left+w).
+    boxes = torch.stack([index, left, top, left + w, top + h], dim=1)
+    return roi_align(
+        images,
+        boxes,
+        output_size=(size, size),
+        spatial_scale=1.0,
+        sampling_ratio=0 if antialias else 1,
+        aligned=True,
+    )
+
+
+def hflip(images: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the samples whose bool ``flags`` ``(B,)`` are set."""
+    mask = flags.to(images.device).view(-1, 1, 1, 1)
+    return torch.where(mask, images.flip(-1), images)
+
+
+def rgb_to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    """Luma ``(B, 1, H, W)`` of RGB ``images`` (ITU-R 601 weights); 1 channel is returned as is."""
+    if images.shape[1] == 1:
+        return images
+    r, g, b = images.unbind(dim=1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def _blend(images: torch.Tensor, factor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``clamp(factor * images + (1 - factor) * other, 0, 1)`` with per-sample ``factor``."""
+    f = _per_sample(factor, images)
+    return (f * images + (1 - f) * other).clamp_(0, 1)
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Scale by ``factor`` ``(B,)`` (>= 0), clamped: v2's adjust_brightness per sample."""
+    return (images * _per_sample(factor, images)).clamp_(0, 1)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the image's mean luma by ``factor`` ``(B,)``: v2's adjust_contrast per sample."""
+    mean = rgb_to_grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(images, factor, mean)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the per-pixel luma by ``factor`` ``(B,)``: v2's adjust_saturation per sample.
+
+    A no-op on one channel, like torchvision (and PIL).
+    """
+    if images.shape[1] == 1:
+        return images
+    return _blend(images, factor, rgb_to_grayscale(images))
+
+
+def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shift`` ``(B,)`` turns (in [-0.5, 0.5]): v2's adjust_hue per sample.
+
+    The RGB -> HSV -> RGB round trip, without materialising HSV: a hue shift keeps value
+    v = max(R, G, B) and chroma c = v - min(R, G, B), so each output channel is
+    ``v - c * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 * hue') mod 6`` (n = 5, 3, 1 for
+    R, G, B), the branch-free form of the hexcone. ``6 * hue`` is the usual sector value,
+    e.g. ``(G - B) / c`` where R is largest. A no-op on one channel, like torchvision.
+    """
+    if images.shape[1] == 1:
+        return images
+    value, largest = images.max(dim=1, keepdim=True)
+    chroma = value - images.amin(dim=1, keepdim=True)
+    # (G - B, B - R, R - G): the numerator of the sector value for each largest channel.
+    diff = images[:, [1, 2, 0]] - images[:, [2, 0, 1]]
+    # Grey pixels (chroma 0) have diff 0; dividing them by 1 instead keeps NaN out.
+    sector = diff.gather(1, largest) / (chroma + (chroma == 0)) + 2 * largest
+    # n = 5, 3, 1, made on the device rather than copied there.
+    offsets = 5.0 - 2.0 * torch.arange(3, dtype=images.dtype, device=images.device)
+    k = torch.remainder(sector + 6 * _per_sample(shift, images) + offsets.view(1, 3, 1, 1), 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return (value - chroma * ramp).clamp_(0.0, 1.0)
+
+
+def _jitter_steps(
+    factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor, rgb: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-step blend coefficients ``(4, 3, B)`` (factor, luma weight, mean-luma weight) and
+    per-step rows that take the hue op, from CPU parameters (see :func:`colour_jitter`)."""
+    coefs, hue_rows = [], []
+    for step in range(4):
+        op = torch.where(apply, order[:, step], -1)
+        if not rgb:  # saturation and hue are no-ops on one channel
+            op = torch.where((op == SATURATION) | (op == HUE), -1, op)
+        blended = (op >= 0) & (op != HUE)
+        f = torch.where(blended, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)
+        coefs.append(torch.stack([f, (op == SATURATION) * (1 - f), (op == CONTRAST) * (1 - f)]))
+        hue_rows.append(torch.nonzero(op == HUE).flatten())
+    return torch.stack(coefs).float(), hue_rows
+
+
+def colour_jitter(
+    images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor
+) -> torch.Tensor:
+    """ColorJitter per sample: the four ops in each sample's own ``order``.
+
+    ``factors`` ``(B, 4)``: brightness, contrast, saturation factors and hue shift (columns
+    BRIGHTNESS..HUE); ``order`` int64 ``(B, 4)``: op ids in application order; ``apply``
+    bool ``(B,)``: samples left untouched where False. All three are read on the CPU (they
+    decide which samples go through the hue op, and reading them there costs no device sync).
+
+    Each of the four steps is one batched blend ``clamp(f * x + w_l * luma + w_m * mean_luma)``
+    with per-sample coefficients: brightness is ``(f, 0, 0)``, saturation ``(f, 1 - f, 0)``,
+    contrast ``(f, 0, 1 - f)``, and a sample whose op at this step is hue (or that is not
+    jittered) gets ``(1, 0, 0)``, the identity. Hue then runs on just its samples.
+    """
+    factors, order, apply = factors.cpu(), order.cpu(), apply.cpu()
+    coefs, hue_rows = _jitter_steps(factors, order, apply, images.shape[1] == 3)
+    blended = (coefs[:, 0] != 1).any(dim=1).tolist()
+    # One copy each to the device: coefficients, hue rows and their shifts.
+    coefs = coefs.to(images.device, non_blocking=True)
+    counts = [len(r) for r in hue_rows]
+    all_rows = torch.cat(hue_rows)
+    shifts = factors[all_rows, HUE].to(images.device, non_blocking=True)
+    rows_dev = all_rows.to(images.device, non_blocking=True)
+    x = images
+    start = 0
+    for step in range(4):
+        if blended[step]:
+            f, w_luma, w_mean = (_per_sample(c, x) for c in coefs[step])
+            luma = rgb_to_grayscale(x)
+            mean = luma.mean(dim=(1, 2, 3), keepdim=True)
+            # The reference is one channel; only the final fused multiply-add is full size.
+            ref = w_luma * luma + w_mean * mean
+            x = torch.addcmul(ref, f, x).clamp_(0, 1)
+        if counts[step]:
+            rows = rows_dev[start : start + counts[step]]
+            x = x.index_copy(0, rows, adjust_hue(x[rows], shifts[start : start + counts[step]]))
+            start += counts[step]
+    return x
+
+
+def random_grayscale(images: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Replace the flagged samples (bool ``(B,)``) by their luma on all channels."""
+    if images.shape[1] == 1:
+        return images
+    mask = flags.to(images.device).view(-1, 1, 1, 1)
+    return torch.where(mask, rgb_to_grayscale(images).expand_as(images), images)
+
+
+def _gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps ``(B, kernel_size)`` for per-sample ``sigma`` (pixels)."""
+    taps = torch.arange(kernel_size, dtype=sigma.dtype, device=sigma.device)
+    taps = taps - (kernel_size - 1) / 2
+    weights = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur each sample with its own ``sigma`` ``(B,)`` (pixels): v2's gaussian_blur per sample.
+
+    Reflect padding as torchvision; the 2-D Gaussian is separable, so two depthwise 1-D
+    convolutions (one group per sample and channel) replace one k x k convolution.
+    """
+    b, c, height, width = images.shape
+    kernels = _gaussian_kernels(sigma.to(images.device, images.dtype), kernel_size)
+    kernels = kernels.repeat_interleave(c, dim=0)  # (B*C, k): one kernel per group
+    pad = kernel_size // 2
+    x = F.pad(images.reshape(1, b * c, height, width), [pad] * 4, mode="reflect")
+    x = F.conv2d(x, kernels.view(b * c, 1, 1, kernel_size), groups=b * c)
+    x = F.conv2d(x, kernels.view(b * c, 1, kernel_size, 1), groups=b * c)
+    return x.view(b, c, height, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchAugment(torch.nn.Module):
+    """One random view of every image in a uint8 batch, normalised; see the module docstring.
+
+    ``forward(images, seeds)``: uint8 ``(B, C, H, W)`` on any device and int64 seeds ``(B,)``
+    (e.g. from :func:`two_view_seeds`) to float32 ``(B, C, size, size)`` on the same device.
+    Build it with :func:`batch_weak_pipeline` or :func:`batch_strong_pipeline`.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        scale: tuple[float, float],
+        strengths: tuple[float, float, float, float],
+        blur_prob: float,
+        antialias: bool = True,
+    ) -> None:
+        """``strengths``: ColorJitter's (brightness, contrast, saturation, hue); all 0 = no
+        jitter. ``scale``: crop area fraction range. ``blur_prob``: 0 = no blur."""
+        super().__init__()
+        self.channels = _check_stats(mean, std)
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {scale}")
+        if min(strengths) < 0 or strengths[HUE] > 0.5:
+            raise ValueError(f"jitter strengths must be >= 0 (hue <= 0.5), got {strengths}")
+        self.size = size
+        self.scale = scale
+        self.strengths = strengths
+        self.jitter = any(s > 0 for s in strengths)
+        self.blur_prob = blur_prob
+        self.kernel_size = blur_kernel_size(size)
+        self.antialias = antialias
+        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"size={self.size}, channels={self.channels}, scale={self.scale}, "
+            f"strengths={self.strengths}, blur_prob={self.blur_prob}, "
+            f"kernel_size={self.kernel_size}, antialias={self.antialias}"
+        )
+
+    def sample_params(
+        self, seeds: torch.Tensor, height: int, width: int
+    ) -> dict[str, torch.Tensor]:
+        """Random parameters for images of ``height`` x ``width`` pixels, on the CPU.
+
+        Row b depends only on ``seeds[b]``. Keys (all ``(B,)`` unless noted): ``crop``
+        int64 ``(B, 4)`` (top, left, h, w) pixels; ``flip`` bool; ``jitter`` bool (p=0.8;
+        always False without jitter); ``brightness``, ``contrast``, ``saturation`` factors and
+        ``hue`` shift, float32 (1, 1, 1, 0 where not jittered; saturation and hue neutral on
+        one channel); ``order`` int64 ``(B, 4)``, the jitter ops' application order (a
+        uniformly random permutation of BRIGHTNESS..HUE); ``grayscale`` bool (p=0.2, never on
+        one channel); ``blur`` bool (p=blur_prob); ``sigma`` float32 in [0.1, 2.0] pixels.
+        """
+        seeds = torch.as_tensor(seeds, dtype=torch.int64).cpu()
+        if seeds.dim() != 1:
+            raise ValueError(f"seeds must have shape (B,), got {tuple(seeds.shape)}")
+        u = _uniforms(seeds, _N_UNIFORMS)
+        crop = crop_params(
+            u[:, _U_AREA], u[:, _U_RATIO], u[:, _U_TOP], u[:, _U_LEFT], height, width, self.scale
+        )
+        jitter = (u[:, _U_JITTER] < _JITTER_PROB) & self.jitter
+        lows = [max(0.0, 1.0 - s) for s in self.strengths[:3]] + [-self.strengths[HUE]]
+        highs = [1.0 + s for s in self.strengths[:3]] + [self.strengths[HUE]]
+        factors = _between(
+            u[:, _U_FACTORS], torch.tensor(lows, dtype=u.dtype), torch.tensor(highs, dtype=u.dtype)
+        )
+        neutral = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=u.dtype)
+        if self.channels == 1:
+            factors[:, SATURATION:] = neutral[SATURATION:]
+        factors = torch.where(jitter[:, None], factors, neutral).float()
+        return {
+            "crop": crop,
+            "flip": u[:, _U_FLIP] < 0.5,
+            "jitter": jitter,
+            "brightness": factors[:, BRIGHTNESS],
+            "contrast": factors[:, CONTRAST],
+            "saturation": factors[:, SATURATION],
+            "hue": factors[:, HUE],
+            # Sorting i.i.d. uniforms gives a uniformly random permutation, like randperm.
+            "order": u[:, _U_ORDER].argsort(dim=1),
+            "grayscale": (u[:, _U_GRAY] < _GRAYSCALE_PROB) & (self.channels == 3),
+            "blur": u[:, _U_BLUR] < self.blur_prob,
+            "sigma": _between(u[:, _U_SIGMA], *_BLUR_SIGMA).float(),
+        }
+
+    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Augment uint8 ``images`` ``(B, C, H, W)`` with given ``params`` (see sample_params)."""
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise TypeError(
+                f"expected uint8 (B, C, H, W) images, got {images.dtype} {images.shape}"
+            )
+        if images.shape[1] != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got {images.shape[1]}")
+        device = images.device
+        p = {k: v.cpu() for k, v in params.items()}
+        # Per-sample numbers go to the device in one copy; which rows take the blur is read
+        # on the CPU, so nothing here waits for the device.
+        packed = torch.cat(
+            [p["crop"].float(), p["flip"][:, None].float(), p["grayscale"][:, None].float()], 1
+        ).to(device, non_blocking=True)
+        x = images.float().div_(255)
+        x = resized_crop(x, packed[:, :4], self.size, self.antialias)
+        x = hflip(x, packed[:, 4] > 0.5)
+        if self.jitter:
+            keys = ("brightness", "contrast", "saturation", "hue")
+            factors = torch.stack([p[k] for k in keys], dim=1)
+            x = colour_jitter(x, factors, p["order"], p["jitter"])
+        if self.channels == 3:
+            x = random_grayscale(x, packed[:, 5] > 0.5)
+        rows = torch.nonzero(p["blur"]).flatten()
+        if len(rows):
+            sigma = p["sigma"][rows].to(device, non_blocking=True)
+            rows = rows.to(device, non_blocking=True)
+            x = x.index_copy(0, rows, gaussian_blur(x[rows], sigma, self.kernel_size))
+        return (x - self.mean.to(device)) / self.std.to(device)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """One view of each of ``images`` (uint8 ``(B, C, H, W)``) for int64 ``seeds`` ``(B,)``."""
+        if len(seeds) != len(images):
+            raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
+        params = self.sample_params(seeds, images.shape[-2], images.shape[-1])
+        return self.apply(images, params)
+
+
+def _strengths(base: tuple[float, float, float, float], jitter: float) -> tuple[float, ...]:
+    if jitter < 0:
+        raise ValueError(f"jitter must be >= 0, got {jitter}")
+    b, c, s, h = (x * jitter for x in base)
+    return (b, c, s, min(h, 0.5))
+
+
+def batch_weak_pipeline(
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    min_scale: float = 0.2,
+    jitter: float = 1.0,
+    blur_prob: float = 0.5,
+    antialias: bool = True,
+) -> BatchAugment:
+    """Batched :func:`~wcl.data.augment.weak_pipeline` (MoCo v2): same parameters and meaning."""
+    return BatchAugment(
+        size,
+        mean,
+        std,
+        scale=(min_scale, 1.0),
+        strengths=_strengths((0.4, 0.4, 0.4, 0.1), jitter),  # type: ignore[arg-type]
+        blur_prob=blur_prob,
+        antialias=antialias,
+    )
+
+
+def batch_strong_pipeline(
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    min_scale: float = 0.08,
+    jitter: float = 1.0,
+    blur_prob: float = 0.5,
+    antialias: bool = True,
+) -> BatchAugment:
+    """Batched :func:`~wcl.data.augment.strong_pipeline` (SimCLR): same parameters and meaning."""
+    return BatchAugment(
+        size,
+        mean,
+        std,
+        scale=(min_scale, 1.0),
+        strengths=_strengths((0.8, 0.8, 0.8, 0.2), jitter),  # type: ignore[arg-type]
+        blur_prob=blur_prob,
+        antialias=antialias,
+    )
