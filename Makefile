@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 
-.PHONY: all demo test lint format setup data clean
+.PHONY: all demo test lint format setup data bench clean
 
 all: test
 
@@ -47,6 +47,15 @@ format: setup
 
 test: setup data lint
 	$(BIN)/python -m pytest
+
+# CPU benchmarks (BENCHMARKS.md); eval_cost needs the demo's checkpoint (make demo first).
+bench: setup data
+	mkdir -p runs/bench
+	$(BIN)/python bench/weak_labels.py
+	$(BIN)/python bench/augment_pipeline.py
+	$(BIN)/python bench/train_step.py
+	@if [ -f runs/demo/wcl/last.pt ]; then $(BIN)/python bench/eval_cost.py runs/demo/wcl/last.pt; \
+	else echo "bench/eval_cost.py skipped: run make demo first (it needs runs/demo/wcl/last.pt)"; fi
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -72,6 +72,8 @@ def _tiny_state(seed: int, in_channels: int) -> tuple[dict, dict]:
             f"data.channels={in_channels}",
             "data.dataset=" + ("fashion_mnist" if in_channels == 1 else "folder"),
             "model.width=8",
+            "model.stem=small",
+            "data.augment=loader",
             "model.hidden_dim=32",
             "model.out_dim=16",
         ],

@@ -93,7 +93,7 @@ def test_torchrun_pretrain_then_one_process_resume(tmp_path):
     two = tmp_path / "two"
     common = [
         f"data.root={FIXTURE}", "data.workers=0", "model.width=8", "model.hidden_dim=32",
-        "model.out_dim=16", "train.epochs=2", "train.batch_size=64", "optim.warmup_epochs=1",
+        "model.out_dim=16", "train.knn_every=0", "data.augment=loader", "train.epochs=2", "train.batch_size=64", "optim.warmup_epochs=1",
         "train.checkpoint_every=1", "train.log_every=2",
     ]  # fmt: skip
     args = ["-m", "wcl.cli", "pretrain", "--config", "fashion-mnist-demo"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runkit import assert_same_weights, final_weights
 
 import wcl.checkpoint
 from wcl import dist
@@ -26,6 +27,9 @@ FIXTURE = Path(__file__).parent / "fixtures" / "fashion-idx"
 SETTINGS = [
     f"data.root={FIXTURE}",
     "data.workers=0",
+    "data.augment=loader",
+    "train.knn_every=0",
+    "model.stem=small",
     "model.width=8",
     "model.hidden_dim=32",
     "model.out_dim=16",
@@ -64,23 +68,13 @@ def wait_for_steps(run_dir, steps, proc, timeout=120):
     raise TimeoutError(f"{metrics} did not reach {steps} lines")
 
 
-def weights(run_dir):
-    return load_checkpoint(Path(run_dir) / "last.pt")["model"]
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "reference"
     proc = child(out)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-2000:]
-    return weights(out)
+    return final_weights(out)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
@@ -100,7 +94,7 @@ def test_signal_checkpoints_exits_75_and_resume_is_exact(uninterrupted, tmp_path
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert not (run / "preempted").exists()
-    assert_same(weights(run), uninterrupted)
+    assert_same_weights(final_weights(run), uninterrupted)
 
 
 def test_sigkill_at_a_random_step_then_resume_is_exact(uninterrupted, tmp_path):
@@ -117,7 +111,7 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(uninterrupted, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert not list(run.glob(".tmp-*"))
-    assert_same(weights(run), uninterrupted)
+    assert_same_weights(final_weights(run), uninterrupted)
 
 
 def inject_nan_at(monkeypatch, call):
@@ -152,7 +146,9 @@ def test_nan_loss_skipped_by_choice(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in rows][6:9] == [0, 1, 1]
     assert rows[-1]["step"] == 40
-    assert all(torch.isfinite(v).all() for v in weights(run).values() if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all() for v in final_weights(run).values() if v.is_floating_point()
+    )
 
 
 def test_truncated_checkpoint_is_named(tmp_path):

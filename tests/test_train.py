@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from runkit import assert_same_weights, final_weights
 
 from wcl.checkpoint import CheckpointError, load_checkpoint
 from wcl.cli import main
@@ -24,6 +25,9 @@ def tiny_config(out_dir, *extra):
             f"data.root={FIXTURE}",
             "data.workers=0",
             "model.backbone=resnet10",
+            "data.augment=loader",
+            "train.knn_every=0",
+            "model.stem=small",
             "model.width=8",
             "model.hidden_dim=32",
             "model.out_dim=16",
@@ -36,16 +40,6 @@ def tiny_config(out_dir, *extra):
             *extra,
         ],
     )
-
-
-def final_weights(run_dir):
-    return load_checkpoint(Path(run_dir) / "last.pt")["model"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +119,7 @@ def test_simclr_baseline_and_cli(tmp_path, capsys):
         "optim.warmup_epochs=0",
         "train.batch_size=100",
         "model.graph_weight=0",
+        "train.knn_every=0",
         f"train.out_dir={run}",
     ]
     assert main(args + [x for o in overrides for x in ("--set", o)]) == 0

@@ -45,7 +45,8 @@ def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _label(name: str) -> str:
-    return RUN_NAMES.get(name, name)
+    extra = {"random_init": "same network, random init", "raw_pixels": "raw pixels"}
+    return RUN_NAMES.get(name) or extra.get(name, name)
 
 
 def plot_training(runs: dict[str, list[dict]], path: Path) -> Path:
@@ -173,6 +174,12 @@ def plot_components(late_batch: Path, path: Path, groups: int = 8, per_group: in
                 img = images[members[col]]
                 cmap = "gray" if img.shape[0] == 1 else None
                 ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap=cmap)
+                if targets is not None:
+                    # Each image's true class under it; red where it is not the majority's.
+                    own = int(targets[members[col]])
+                    name = classes[own] if own < len(classes) else str(own)
+                    ax.text(0.5, -0.08, name[:10], transform=ax.transAxes, ha="center",
+                            va="top", fontsize=6, color="black" if own == top else "red")  # fmt: skip
     fig.suptitle("What the graph puts together: weak-label components of the last batch")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -68,6 +68,11 @@ def _blur_ops(size: int, blur_prob: float) -> list[v2.Transform]:
     return [v2.RandomApply([blur], p=blur_prob)]
 
 
+# Colour-jitter strengths (brightness, contrast, saturation, hue) of the two recipes.
+WEAK_JITTER = (0.4, 0.4, 0.4, 0.1)  # MoCo v2
+STRONG_JITTER = (0.8, 0.8, 0.8, 0.2)  # SimCLR
+
+
 def _to_normalised_float(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
@@ -89,7 +94,7 @@ def weak_pipeline(
     return v2.Compose(
         [
             v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
-            *_colour_ops(channels, jitter, (0.4, 0.4, 0.4, 0.1)),
+            *_colour_ops(channels, jitter, WEAK_JITTER),
             *_blur_ops(size, blur_prob),
             v2.RandomHorizontalFlip(),
             *_to_normalised_float(mean, std),
@@ -115,7 +120,7 @@ def strong_pipeline(
         [
             v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
-            *_colour_ops(channels, jitter, (0.8, 0.8, 0.8, 0.2)),
+            *_colour_ops(channels, jitter, STRONG_JITTER),
             *_blur_ops(size, blur_prob),
             *_to_normalised_float(mean, std),
         ]

@@ -50,6 +50,8 @@ from wcl.data.augment import (
     _BLUR_SIGMA,
     _GRAYSCALE_PROB,
     _JITTER_PROB,
+    STRONG_JITTER,
+    WEAK_JITTER,
     _check_stats,
     blur_kernel_size,
     sample_seed,
@@ -527,6 +529,18 @@ def _strengths(base: tuple[float, float, float, float], jitter: float) -> tuple[
     return (b, c, s, min(h, 0.5))
 
 
+def _batch_pipeline(size, mean, std, min_scale, jitter, blur_prob, antialias, base):
+    return BatchAugment(
+        size,
+        mean,
+        std,
+        scale=(min_scale, 1.0),
+        strengths=_strengths(base, jitter),  # type: ignore[arg-type]
+        blur_prob=blur_prob,
+        antialias=antialias,
+    )
+
+
 def batch_weak_pipeline(
     size: int,
     mean: Sequence[float],
@@ -538,15 +552,7 @@ def batch_weak_pipeline(
     antialias: bool = True,
 ) -> BatchAugment:
     """Batched :func:`~wcl.data.augment.weak_pipeline` (MoCo v2): same parameters and meaning."""
-    return BatchAugment(
-        size,
-        mean,
-        std,
-        scale=(min_scale, 1.0),
-        strengths=_strengths((0.4, 0.4, 0.4, 0.1), jitter),  # type: ignore[arg-type]
-        blur_prob=blur_prob,
-        antialias=antialias,
-    )
+    return _batch_pipeline(size, mean, std, min_scale, jitter, blur_prob, antialias, WEAK_JITTER)
 
 
 def batch_strong_pipeline(
@@ -560,12 +566,4 @@ def batch_strong_pipeline(
     antialias: bool = True,
 ) -> BatchAugment:
     """Batched :func:`~wcl.data.augment.strong_pipeline` (SimCLR): same parameters and meaning."""
-    return BatchAugment(
-        size,
-        mean,
-        std,
-        scale=(min_scale, 1.0),
-        strengths=_strengths((0.8, 0.8, 0.8, 0.2), jitter),  # type: ignore[arg-type]
-        blur_prob=blur_prob,
-        antialias=antialias,
-    )
+    return _batch_pipeline(size, mean, std, min_scale, jitter, blur_prob, antialias, STRONG_JITTER)

@@ -1,0 +1,132 @@
+"""Whole training step on the CPU: ours against a release-style path, time and peak memory.
+
+Release-style: float32, weak labels on the host (``topk`` -> copy to host -> SciPy
+``connected_components``), a dense N x N float positive mask for the supervised contrastive
+loss, and the ``release`` gather mode. Ours: ``wcl.WCL`` as shipped (labels on the device,
+the loss from a label vector). Same backbone, heads, data and optimiser (LARS).
+
+``python bench/train_step.py`` runs each (model, path) pair in its own process, so that the
+peak resident memory (ru_maxrss) of each is its own, and prints a markdown table with
+ratios release / ours. Models: the demo preset (ResNet-10 width 32, 28 px greyscale, batch
+256) and ResNet-50 at 64 px RGB (batch 64). Writes runs/bench/train_step.json.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from wcl import losses
+from wcl.backbones import build_backbone
+from wcl.model import WCL
+from wcl.optim import LARS, param_groups
+
+MODELS = {
+    "demo": {"backbone": "resnet10", "stem": "small-s2", "width": 32, "channels": 1, "size": 28,
+             "batch": 256, "hidden": 512, "out": 128},
+    "resnet50-64px": {"backbone": "resnet50", "stem": "imagenet", "width": 64, "channels": 3,
+                      "size": 64, "batch": 64, "hidden": 4096, "out": 256},
+}  # fmt: skip
+
+
+def host_weak_labels(p: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """The release's labelling: nearest neighbour on the device, components on the host."""
+    with torch.no_grad():
+        sim = p @ p.T
+        sim.fill_diagonal_(float("-inf"))
+        nn_idx = sim.topk(1, dim=1).indices[:, 0].cpu().numpy()
+        n = len(nn_idx)
+        graph = csr_matrix((np.ones(n), (np.arange(n), nn_idx)), shape=(n, n))
+        _, labels = connected_components(graph, directed=False)
+    return torch.from_numpy(labels).to(p.device)
+
+
+def mask_supcon(anchors: torch.Tensor, labels: torch.Tensor, t: float) -> torch.Tensor:
+    """Supervised contrast with a dense N x N float positive mask (the release's way)."""
+    n = anchors.shape[0]
+    logits = anchors @ anchors.T / t
+    eye = torch.eye(n, device=anchors.device)
+    mask = (labels[:, None] == labels[None, :]).float() - eye
+    logits = logits - 1e9 * eye
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    return (-(mask * log_prob).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def release_forward(model: WCL, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    z1, p1 = model.embed(x1)
+    z2, p2 = model.embed(x2)
+    inst = losses.instance_loss(z1, z2, model.temperature)
+    labels1, labels2 = host_weak_labels(p1), host_weak_labels(p2)
+    graph = (
+        mask_supcon(p1, labels2, model.temperature) + mask_supcon(p2, labels1, model.temperature)
+    ) / 2
+    return inst + graph
+
+
+def run_one(model_name: str, path: str, steps: int) -> dict:
+    spec = MODELS[model_name]
+    torch.manual_seed(0)
+    backbone = build_backbone(spec["backbone"], spec["stem"], spec["channels"], spec["width"])
+    model = WCL(backbone, backbone.feature_dim, spec["hidden"], spec["out"],
+                gather_mode="release" if path == "release" else "exact")  # fmt: skip
+    optimizer = LARS(param_groups(model, 1e-6), lr=0.1)
+    x1 = torch.randn(spec["batch"], spec["channels"], spec["size"], spec["size"])
+    x2 = torch.randn_like(x1)
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        loss = release_forward(model, x1, x2) if path == "release" else model(x1, x2)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"model": model_name, "path": path, "step_s": statistics.median(times[2:]),
+            "peak_rss_mib": peak_kib / 1024}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one, args.steps)))
+        return
+    rows = []
+    for model_name in MODELS:
+        pair = {}
+        for path in ("release", "ours"):
+            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one",
+                                  model_name, path], capture_output=True, text=True, check=True)  # fmt: skip
+            pair[path] = json.loads(out.stdout.strip().splitlines()[-1])
+        row = {"model": model_name, "release": pair["release"], "ours": pair["ours"],
+               "time_ratio": pair["release"]["step_s"] / pair["ours"]["step_s"],
+               "memory_ratio": pair["release"]["peak_rss_mib"] / pair["ours"]["peak_rss_mib"]}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| model | step: release | ours | ratio | peak RSS: release | ours | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        rel, ours = r["release"], r["ours"]
+        print(
+            f"| {r['model']} | {rel['step_s'] * 1e3:.0f} ms | {ours['step_s'] * 1e3:.0f} ms | "
+            f"{r['time_ratio']:.2f}x | {rel['peak_rss_mib']:.0f} MiB | "
+            f"{ours['peak_rss_mib']:.0f} MiB | {r['memory_ratio']:.2f}x |"
+        )
+    out_dir = Path("runs/bench")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_step.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
