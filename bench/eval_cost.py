@@ -25,7 +25,9 @@ OUT = Path("runs/bench/eval_cost")
 
 def timed(*args: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "wcl.cli", *args], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "wcl.cli", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"wcl {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
 
 

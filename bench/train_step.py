@@ -6,7 +6,8 @@ loss, and the ``release`` gather mode. Ours: ``wcl.WCL`` as shipped (labels on t
 the loss from a label vector). Same backbone, heads, data and optimiser (LARS).
 
 ``python bench/train_step.py`` runs each (model, path) pair in its own process, so that the
-peak resident memory (ru_maxrss) of each is its own, and prints a markdown table with
+peak resident memory (ru_maxrss) of each is its own, alternating the paths over three
+rounds (median round kept), and prints a markdown table with
 ratios release / ours. Models: the demo preset (ResNet-10 width 32, 28 px greyscale, batch
 256) and ResNet-50 at 64 px RGB (batch 64). Writes runs/bench/train_step.json.
 """
@@ -97,6 +98,7 @@ def run_one(model_name: str, path: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -104,11 +106,19 @@ def main() -> None:
         return
     rows = []
     for model_name in MODELS:
-        pair = {}
-        for path in ("release", "ours"):
-            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one",
-                                  model_name, path], capture_output=True, text=True, check=True)  # fmt: skip
-            pair[path] = json.loads(out.stdout.strip().splitlines()[-1])
+        runs = {"release": [], "ours": []}
+        # Alternate the two paths over several rounds so that drift in the machine's load
+        # falls on both alike; keep the median round of each.
+        for _ in range(args.rounds):
+            for path in ("release", "ours"):
+                out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
+                                      "--one", model_name, path], capture_output=True,
+                                     text=True, check=True)  # fmt: skip
+                runs[path].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        pair = {
+            path: sorted(found, key=lambda r: r["step_s"])[len(found) // 2]
+            for path, found in runs.items()
+        }
         row = {"model": model_name, "release": pair["release"], "ours": pair["ours"],
                "time_ratio": pair["release"]["step_s"] / pair["ours"]["step_s"],
                "memory_ratio": pair["release"]["peak_rss_mib"] / pair["ours"]["peak_rss_mib"]}  # fmt: skip

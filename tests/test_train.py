@@ -149,3 +149,16 @@ def test_batched_augmentation_trains_and_resumes_exactly(full_run, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     with pytest.raises(CheckpointError, match="data.augment"):
         pretrain(tiny_config(tmp_path / "x"), resume=str(first / "epoch-0001.pt"))
+
+
+def test_tensorboard_gets_the_metrics(full_run):
+    """With tensorboard installed (the test extra), every metrics.jsonl scalar is logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(full_run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"pretrain/loss", "pretrain/graph_loss", "pretrain/lr", "pretrain/precision"} <= tags
+    steps = [e.step for e in events.Scalars("pretrain/loss")]
+    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [r["step"] for r in rows if "loss" in r]

@@ -42,12 +42,21 @@ def _eval_config(kind: str, args: argparse.Namespace, extra: list[str] | None = 
     return load_eval_config(kind, args.config, overrides)
 
 
-def _print_scores(results: dict, run_dir: str) -> None:
-    for which in ("final", "best"):
-        if which in results:
-            r = results[which]
-            print(f"{which}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  (epoch {r['epoch']})")
-    print(f"results: {run_dir}/results.json")
+def _print_results(results: dict) -> None:
+    """The scores of any evaluation command, printed by rank 0 only (under torchrun every
+    process holds the same results)."""
+    from wcl import dist
+
+    if not dist.is_main():
+        return
+    if "subset" in results:
+        print(f"labelled images: {results['subset']['images']}")
+    for key, r in results.items():
+        if key.startswith("k") and isinstance(r, dict):  # knn-eval: k200, k20, ...
+            print(f"{key}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
+        elif key in ("final", "best"):
+            print(f"{key}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  (epoch {r['epoch']})")
+    print(f"results: {results['run_dir']}/results.json")
 
 
 def _linear_eval(args: argparse.Namespace) -> int:
@@ -55,8 +64,7 @@ def _linear_eval(args: argparse.Namespace) -> int:
         from wcl.eval.linear import linear_eval
 
         cfg = _eval_config("linear", args, ["linear.mode=fast"] if args.fast else [])
-        results = linear_eval(cfg, resume=args.resume)
-        _print_scores(results, results["run_dir"])
+        _print_results(linear_eval(cfg, resume=args.resume))
         return 0
 
     return _user_errors(run)
@@ -66,11 +74,7 @@ def _knn_eval(args: argparse.Namespace) -> int:
     def run() -> int:
         from wcl.eval.knn import knn_eval
 
-        results = knn_eval(_eval_config("knn", args))
-        for key, value in results.items():
-            if isinstance(value, dict):
-                print(f"{key}: top-1 {value['top1']:.2f}%  top-5 {value['top5']:.2f}%")
-        print(f"results: {results['run_dir']}/results.json")
+        _print_results(knn_eval(_eval_config("knn", args)))
         return 0
 
     return _user_errors(run)
@@ -80,9 +84,7 @@ def _finetune(args: argparse.Namespace) -> int:
     def run() -> int:
         from wcl.eval.finetune import finetune
 
-        results = finetune(_eval_config("finetune", args), resume=args.resume)
-        print(f"labelled images: {results['subset']['images']}")
-        _print_scores(results, results["run_dir"])
+        _print_results(finetune(_eval_config("finetune", args), resume=args.resume))
         return 0
 
     return _user_errors(run)
@@ -297,7 +299,9 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
             "test Resize + CenterCrop; top-1/top-5 final and best. --fast trains on cached "
             "centre-crop features instead (NOT the paper's protocol). Writes config.yaml, "
             "last.pt and results.json to run.out_dir (default <checkpoint folder>/eval/"
-            f"<checkpoint name>/linear-eval). Presets: {_eval_presets('linear')}."
+            "<checkpoint name>/linear-eval). Runs as one process, or under torchrun / SLURM "
+            "srun for several (linear.batch_size is global). "
+            f"Presets: {_eval_presets('linear')}."
         ),
         epilog="example: wcl linear-eval --config linear-small --checkpoint runs/x/last.pt --fast",
     )
@@ -317,8 +321,8 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
             "the k nearest training images vote with weight exp(sim/T). Reports top-1/top-5 "
             "for every k in knn.k (default 200 and 20, T = 0.07). Writes results.json (and "
             "cached features) to run.out_dir (default <checkpoint folder>/eval/<checkpoint "
-            "name>/knn-eval). "
-            f"Presets: {_eval_presets('knn')}."
+            "name>/knn-eval). Runs as one process, or under torchrun / SLURM srun for "
+            f"several. Presets: {_eval_presets('knn')}."
         ),
         epilog="example: wcl knn-eval --config knn-small --checkpoint runs/x/last.pt",
     )
@@ -332,8 +336,9 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
             "Fine-tune backbone + a new linear head on a class-balanced seeded fraction of the "
             "labels (finetune.fraction) or a published subset list (finetune.subset_file, one "
             "image file name per line). SimCLR's recipe: SGD Nesterov 0.9, no weight decay, "
-            "lr 0.05*batch/256, cosine; crop + flip. Top-1/top-5 on the test split. "
-            f"Presets: {_eval_presets('finetune')}."
+            "lr 0.05*batch/256, cosine; crop + flip. Top-1/top-5 on the test split. Runs as "
+            "one process, or under torchrun / SLURM srun for several (finetune.batch_size is "
+            f"global, BatchNorm synchronised). Presets: {_eval_presets('finetune')}."
         ),
         epilog="example: wcl finetune --config finetune-small --checkpoint runs/x/last.pt",
     )
@@ -396,11 +401,16 @@ def _add_weight_commands(commands: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Errors that describe a fixable problem get one clear line, not a traceback.
+    from wcl import dist
     from wcl.checkpoint import CheckpointError
     from wcl.run import PREEMPTED_EXIT_CODE, Preempted
 
     try:
-        return args.func(args)
+        status = args.func(args)
+        # Leave the process group before exit tears down gloo's threads (which can abort a
+        # finished process); only on success, as others may still wait after an error.
+        dist.shutdown()
+        return status
     except ConfigError as err:
         print(f"wcl: config error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,9 @@
-"""What every evaluation command does first: device, run directory, backbone, resume state."""
+"""What every evaluation command does first: device, run directory, backbone, resume state.
+
+Every command runs as one plain process or as several under torchrun / SLURM srun:
+:func:`open_run` joins the process group (``wcl.dist``); only rank 0 creates the run
+directory and writes files in it (:func:`start_run`, :func:`write_results`).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,15 @@ from typing import Any
 
 import torch
 import yaml
+from torch.utils.data import Dataset
 
+from wcl import dist
 from wcl.checkpoint import load_checkpoint
 from wcl.config import ConfigError
 from wcl.eval.config import EvalRun
 from wcl.eval.data import Splits, eval_transform
-from wcl.eval.features import cached_features, extract_features, file_identity
+from wcl.eval.features import extract_features, file_identity, load_cached_features, save_features
+from wcl.eval.shards import gather_shards, shard
 from wcl.weights import LoadedBackbone, load_backbone, write_json
 
 __all__ = [
@@ -22,6 +30,7 @@ __all__ = [
     "amp_dtype",
     "open_run",
     "resolve_device",
+    "sharded_features",
     "split_features",
     "start_run",
     "write_results",
@@ -31,6 +40,7 @@ __all__ = [
 _RESUMABLE_CHANGES = {
     "data.workers",
     "run.device",
+    "run.dist_backend",
     "run.threads",
     "run.out_dir",
     "run.progress",
@@ -85,7 +95,9 @@ def _check_same_config(saved: dict[str, Any], now: dict[str, Any], path: Path) -
 def open_run(cfg: Any, command: str, resume: str | None, trains: bool) -> Setup:
     """Resolve device and run directory, load the backbone, read the state to resume.
 
-    Nothing is written; :func:`start_run` creates the directory once the data is read.
+    Joins the process group when started by torchrun / srun (``run.dist_backend``); the
+    device is then this process's GPU (LOCAL_RANK). Nothing is written; :func:`start_run`
+    creates the directory once the data is read.
     The default run directory is ``<checkpoint folder>/eval/<checkpoint name>/<command>``.
     Commands that train (``trains``) refuse a directory holding another run unless
     resuming; ``resume`` is "auto" (the directory's last.pt, if any) or a path.
@@ -93,7 +105,7 @@ def open_run(cfg: Any, command: str, resume: str | None, trains: bool) -> Setup:
     run: EvalRun = cfg.run
     if run.threads:
         torch.set_num_threads(run.threads)
-    device = resolve_device(run.device)
+    device = dist.init_distributed(run.dist_backend, resolve_device(run.device).type).device
     checkpoint = Path(run.checkpoint)  # validated to exist
     default = checkpoint.parent / "eval" / checkpoint.stem / command
     run_dir = Path(run.out_dir) if run.out_dir else default
@@ -129,15 +141,20 @@ def start_run(setup: Setup, cfg: Any) -> None:
     """Create the run directory and write config.yaml: call once the inputs are known good.
 
     Writing it only then means a failure while reading the data leaves no half-started run
-    that a retry would have to --resume.
+    that a retry would have to --resume. Rank 0 writes, after every process has passed
+    :func:`open_run`'s "directory already holds a run" check.
     """
-    setup.run_dir.mkdir(parents=True, exist_ok=True)
-    (setup.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    dist.barrier()
+    if dist.is_main():
+        setup.run_dir.mkdir(parents=True, exist_ok=True)
+        (setup.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def write_results(setup: Setup, cfg: Any, command: str, results: dict[str, Any]) -> Path:
-    """Write ``run_dir/results.json``: the results plus what produced them."""
+    """Write ``run_dir/results.json``: the results plus what produced them (rank 0 only)."""
     path = setup.run_dir / "results.json"
+    if not dist.is_main():
+        return path
     checkpoint = cfg.run.checkpoint
     write_json(
         path,
@@ -152,37 +169,54 @@ def write_results(setup: Setup, cfg: Any, command: str, results: dict[str, Any])
     return path
 
 
+def sharded_features(
+    cfg: Any, setup: Setup, dataset: Dataset, desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre-crop features (N, C) float32 and targets (N,) int64 of ``dataset``, on the CPU.
+
+    Each process extracts its share (samples r, r + W, ...) and the shares are gathered, so
+    every process ends with all N rows in dataset order; every process must call this.
+    """
+    n, world = len(dataset), dist.world_size()  # type: ignore[arg-type]
+    if n < world:
+        raise ConfigError(f"{desc}: {n} images cannot be shared by {world} processes")
+    feats, targets = extract_features(
+        setup.backbone.module.to(setup.device),
+        shard(dataset),
+        eval_transform(cfg.data, setup.channels),
+        cfg.run.eval_batch_size,
+        setup.device,
+        cfg.data.workers,
+        cfg.run.progress and dist.is_main(),
+        amp=setup.amp,
+        channels_last=setup.device.type == "cuda",
+        desc=desc,
+    )
+    return gather_shards(feats, n, setup.device), gather_shards(targets, n, setup.device)
+
+
 def split_features(
     cfg: Any, setup: Setup, splits: Splits, cache: bool
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(train features, targets), (test features, targets)] of the centre-cropped images.
 
-    Features (N, C) float32 and targets (N,) int64, on the CPU. With ``cache`` they are
-    kept in ``run_dir/features-{train,test}.pt`` and reused while the checkpoint file and
-    the data settings are unchanged.
+    Features (N, C) float32 and targets (N,) int64, on the CPU, on every process (see
+    :func:`sharded_features`). With ``cache`` they are kept in
+    ``run_dir/features-{train,test}.pt`` (written by rank 0) and reused while the
+    checkpoint file and the data settings are unchanged.
     """
-    module = setup.backbone.module.to(setup.device)
-    transform = eval_transform(cfg.data, setup.channels)
     identity = file_identity(cfg.run.checkpoint)
     out = []
     for name, dataset in (("train", splits.train), ("test", splits.test)):
         # Workers and progress bars do not change features; leave them out of the key.
         key = {"checkpoint": identity, "split": name, "data": asdict(cfg.data) | {"workers": 0}}
         path = setup.run_dir / f"features-{name}.pt" if cache else None
-
-        def compute(dataset=dataset, name=name) -> tuple[torch.Tensor, torch.Tensor]:
-            return extract_features(
-                module,
-                dataset,
-                transform,
-                cfg.run.eval_batch_size,
-                setup.device,
-                cfg.data.workers,
-                cfg.run.progress,
-                amp=setup.amp,
-                channels_last=setup.device.type == "cuda",
-                desc=f"{name} features",
-            )
-
-        out.append(cached_features(path, key, compute))
+        found = load_cached_features(path, key)
+        # Extraction is collective: if any process lacks the file (a node without the
+        # shared folder, say), all of them extract.
+        if dist.max_over_processes(int(found is None)):
+            found = sharded_features(cfg, setup, dataset, f"{name} features")
+            if path is not None and dist.is_main():
+                save_features(path, key, *found)
+        out.append(found)
     return out

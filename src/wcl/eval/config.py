@@ -52,6 +52,7 @@ class EvalRun:
     checkpoint: str | None = None  # pre-trained weights (any file wcl can read)
     out_dir: str | None = None  # None: <checkpoint folder>/eval/<checkpoint name>/<command>
     device: str = "auto"  # auto | cpu | cuda
+    dist_backend: str = "auto"  # several processes: auto (nccl on GPU, gloo on CPU) | nccl | gloo
     amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (None: torch's default)
@@ -136,6 +137,7 @@ _CHOICES = {
     "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
     "data.channels": (None, 1, 3),
     "run.device": ("auto", "cpu", "cuda"),
+    "run.dist_backend": ("auto", "nccl", "gloo"),
     "run.amp": ("auto", "bf16", "off"),
     "linear.mode": ("protocol", "fast"),
     "linear.lr_scaling": ("linear", "none"),

@@ -21,7 +21,14 @@ from tqdm import tqdm
 from wcl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from wcl.eval.data import MapImages
 
-__all__ = ["autocast", "cached_features", "extract_features", "file_identity"]
+__all__ = [
+    "autocast",
+    "cached_features",
+    "extract_features",
+    "file_identity",
+    "load_cached_features",
+    "save_features",
+]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -102,6 +109,27 @@ def file_identity(path: str | os.PathLike) -> dict[str, Any]:
     return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def load_cached_features(
+    path: str | os.PathLike | None, key: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (features, targets) saved in ``path`` with ``key``, or None (no file, another
+    key, an unreadable file)."""
+    if path is None or not Path(path).is_file():
+        return None
+    with contextlib.suppress(CheckpointError, KeyError):
+        saved = load_checkpoint(path)
+        if saved.get("kind") == "features" and saved.get("key") == key:
+            return saved["features"], saved["targets"]
+    return None
+
+
+def save_features(
+    path: str | os.PathLike, key: dict[str, Any], feats: torch.Tensor, targets: torch.Tensor
+) -> None:
+    """Write (features, targets) with their ``key`` for :func:`load_cached_features`."""
+    save_checkpoint({"kind": "features", "key": key, "features": feats, "targets": targets}, path)
+
+
 def cached_features(
     path: str | os.PathLike | None,
     key: dict[str, Any],
@@ -113,14 +141,10 @@ def cached_features(
     split, pipeline); a file with another key, or an unreadable one, is recomputed and
     overwritten. ``path`` None: always compute, save nothing.
     """
-    if path is not None and Path(path).is_file():
-        with contextlib.suppress(CheckpointError, KeyError):
-            saved = load_checkpoint(path)
-            if saved.get("kind") == "features" and saved.get("key") == key:
-                return saved["features"], saved["targets"]
+    cached = load_cached_features(path, key)
+    if cached is not None:
+        return cached
     feats, targets = compute()
     if path is not None:
-        save_checkpoint(
-            {"kind": "features", "key": key, "features": feats, "targets": targets}, path
-        )
+        save_features(path, key, feats, targets)
     return feats, targets

@@ -17,7 +17,6 @@ the same subset and each class's draw does not depend on the others.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from wcl import dist
 from wcl.config import ConfigError
 from wcl.data import ImageFolderDataset, sample_seed
 from wcl.eval.common import open_run, start_run, write_results
@@ -33,7 +33,8 @@ from wcl.eval.config import FinetuneConfig
 from wcl.eval.data import MapImages, dataset_targets, eval_transform, load_splits, train_transform
 from wcl.eval.features import file_identity
 from wcl.eval.linear import linear_classifier
-from wcl.eval.loop import Recipe, evaluate, fit, seeded_loader, summarise
+from wcl.eval.loop import Recipe, epoch_loader, evaluate, fit, summarise
+from wcl.eval.shards import local_batch, shard, train_sampler, wrap_ddp
 from wcl.optim import param_groups
 
 __all__ = ["Classifier", "balanced_subset", "finetune", "subset_from_file"]
@@ -114,10 +115,15 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
     one a line), last.pt (the whole network as ``backbone.*`` / ``fc.*``, optimiser,
     epoch, history; also readable by every command as a backbone checkpoint) and
     results.json (top-1/top-5 final and best, history).
+    One process or several (torchrun / srun): ``finetune.batch_size`` is global, the whole
+    network trains under DDP with BatchNorm synchronised over processes (statistics of the
+    global batch, as one process would compute them), each process tests its share of the
+    test set; rank 0 writes the files.
     """
     setup = open_run(cfg, "finetune", resume, trains=True)
-    splits = load_splits(cfg.data, setup.channels)
     s, run, device = cfg.finetune, cfg.run, setup.device
+    per_process = local_batch(s.batch_size, "finetune.batch_size")
+    splits = load_splits(cfg.data, setup.channels)
     if s.subset_file:
         try:
             indices = subset_from_file(splits.train, s.subset_file)
@@ -128,8 +134,12 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
         assert s.fraction is not None  # validated
         indices = balanced_subset(dataset_targets(splits.train), s.fraction, s.subset_seed)
         source = {"fraction": s.fraction, "seed": s.subset_seed}
+    world = dist.world_size()
+    if len(indices) < world:
+        raise ConfigError(f"{len(indices)} labelled images cannot be shared by {world} processes")
     start_run(setup, cfg)
-    (setup.run_dir / "subset.txt").write_text("".join(f"{i}\n" for i in indices.tolist()))
+    if dist.is_main():
+        (setup.run_dir / "subset.txt").write_text("".join(f"{i}\n" for i in indices.tolist()))
     per_class = torch.bincount(dataset_targets(splits.train)[indices], minlength=splits.num_classes)
 
     labelled = MapImages(
@@ -137,8 +147,11 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
         train_transform(cfg.data, setup.channels),
         run.seed,
     )
-    # Whole batches only: BatchNorm trains here, and a last batch of 1 would break it.
-    batch = min(s.batch_size, len(labelled))
+    # Whole batches only: BatchNorm trains here, and a last batch of 1 would break it. The
+    # sampler keeps W * floor(n / W) images, so that every process has as many batches.
+    sampler = train_sampler(labelled, run.seed, drop_last=True)
+    per_process = min(per_process, len(sampler))  # a batch above the subset: one step
+    batch = per_process * world  # the global batch actually used, min(batch_size, n) for W=1
     scale = batch / 256 if s.lr_scaling == "linear" else 1.0
     recipe = Recipe(
         s.epochs,
@@ -149,14 +162,16 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
         s.eval_every,
         s.checkpoint_every,
     )
-    torch.manual_seed(run.seed)
+    torch.manual_seed(run.seed)  # the same initial head on every process
     fc = linear_classifier(setup.backbone.spec.feature_dim, splits.num_classes, s.init_std)
     # channels_last: the faster convolution layout on GPUs (tensor cores).
     layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    model = Classifier(setup.backbone.module, fc).to(device, memory_format=layout)
+    model = Classifier(setup.backbone.module, fc)
+    model = dist.sync_batchnorm(model, device).to(device, memory_format=layout)
+    net = wrap_ddp(model)
     optimizer = recipe.optimizer(param_groups(model, s.weight_decay))
     pin = device.type == "cuda"
-    test_set = MapImages(splits.test, eval_transform(cfg.data, setup.channels))
+    test_set = shard(MapImages(splits.test, eval_transform(cfg.data, setup.channels)))
 
     def test() -> dict[str, float]:
         loader = DataLoader(
@@ -169,6 +184,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
         "subset": {**source, "images": len(indices), "per_class": per_class.tolist()},
         "num_classes": splits.num_classes,
         "batch_size": batch,
+        "processes": world,
         "peak_lr": recipe.peak_lr,
         "test_images": len(splits.test),
     }
@@ -177,14 +193,14 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
         write_results(setup, cfg, "finetune", {**summarise(history), "complete": done, **info})
 
     history = fit(
-        model,
+        net,
         model,
         recipe,
         optimizer,
-        lambda epoch: seeded_loader(
-            labelled, batch, run.seed, epoch, cfg.data.workers, drop_last=True, pin_memory=pin
+        lambda epoch: epoch_loader(
+            labelled, sampler, per_process, epoch, cfg.data.workers, True, pin
         ),
-        math.floor(len(labelled) / batch),
+        len(sampler) // per_process,
         test,
         setup.run_dir,
         device,
@@ -203,4 +219,5 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
     )
     results = {**summarise(history), "complete": True, **info, "history": history}
     write_results(setup, cfg, "finetune", results)
+    dist.barrier()  # nobody exits before rank 0 has written the results
     return results

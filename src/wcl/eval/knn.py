@@ -18,13 +18,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from wcl import dist
 from wcl.config import ConfigError
 from wcl.eval.common import open_run, split_features, start_run, write_results
 from wcl.eval.config import KnnConfig
 from wcl.eval.data import load_splits
 from wcl.eval.features import extract_features
+from wcl.eval.shards import my_share, sum_over_processes
 
-__all__ = ["knn_accuracies", "knn_accuracy", "knn_eval", "knn_monitor", "knn_predict", "knn_scores"]
+__all__ = [
+    "knn_accuracies",
+    "knn_accuracy",
+    "knn_eval",
+    "knn_hits",
+    "knn_monitor",
+    "knn_predict",
+    "knn_scores",
+]
 
 
 def _check(train_labels: torch.Tensor, num_classes: int, k: int, n: int) -> None:
@@ -99,6 +109,42 @@ def knn_predict(
 
 
 @torch.no_grad()
+def knn_hits(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int] = (200, 20),
+    t: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+    normalized: bool = False,
+) -> dict[int, torch.Tensor]:
+    """{k: (top-1 hits, top-5 hits) int64 (2,) on the CPU} of the queries, for several k.
+
+    Counts rather than percentages, so that shares of a test set can be added up.
+    """
+    num_classes = num_classes or max(int(train_labels.max()), int(test_labels.max())) + 1
+    top = min(5, num_classes)
+    correct = {k: torch.zeros(2, dtype=torch.int64) for k in ks}
+    test_labels = test_labels.cpu()
+    for start, blocks in knn_scores(
+        train_feats, train_labels, test_feats, ks, t, num_classes, chunk, normalized
+    ):
+        for k, scores in blocks.items():
+            pred = scores.topk(top, dim=1).indices.cpu()
+            hit = pred == test_labels[start : start + len(pred), None]
+            correct[k] += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()])
+    return correct
+
+
+def _percent(hits: dict[int, torch.Tensor], n: int) -> dict[int, dict[str, float]]:
+    n = max(n, 1)
+    return {
+        k: {"top1": 100.0 * int(c[0]) / n, "top5": 100.0 * int(c[1]) / n} for k, c in hits.items()
+    }
+
+
 def knn_accuracies(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -115,22 +161,10 @@ def knn_accuracies(
     top5 is "the true class is among the 5 best-scored" (all classes when fewer than 5).
     ``normalized``: the features are unit rows already (no normalised copy of the bank).
     """
-    num_classes = num_classes or max(int(train_labels.max()), int(test_labels.max())) + 1
-    top = min(5, num_classes)
-    correct = {k: torch.zeros(2, dtype=torch.int64) for k in ks}
-    test_labels = test_labels.cpu()
-    for start, blocks in knn_scores(
-        train_feats, train_labels, test_feats, ks, t, num_classes, chunk, normalized
-    ):
-        for k, scores in blocks.items():
-            pred = scores.topk(top, dim=1).indices.cpu()
-            hit = pred == test_labels[start : start + len(pred), None]
-            correct[k] += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()])
-    n = max(len(test_labels), 1)
-    return {
-        k: {"top1": 100.0 * int(c[0]) / n, "top5": 100.0 * int(c[1]) / n}
-        for k, c in correct.items()
-    }
+    hits = knn_hits(
+        train_feats, train_labels, test_feats, test_labels, ks, t, num_classes, chunk, normalized
+    )
+    return _percent(hits, len(test_labels))
 
 
 def knn_accuracy(
@@ -191,6 +225,9 @@ def knn_eval(cfg: KnnConfig) -> dict[str, Any]:
     Features of the centre-cropped train and test images (cached in the run directory as
     features-train/test.pt unless ``knn.cache_features`` is off), then one similarity pass
     for every k in ``knn.k``. Results: {"k200": {"top1", "top5"}, ...} plus the settings.
+    Several processes (torchrun / srun): each extracts a share of both splits and the
+    shares are gathered, so every process holds the whole bank; each then classifies its
+    share of the test images and the hit counts are summed. Rank 0 writes the files.
     """
     setup = open_run(cfg, "knn-eval", resume=None, trains=False)
     splits = load_splits(cfg.data, setup.channels)
@@ -205,18 +242,20 @@ def knn_eval(cfg: KnnConfig) -> dict[str, Any]:
     )
     # The bank goes to the device once; queries follow chunk by chunk.
     bank = F.normalize(train_x.to(setup.device), dim=1)
-    accuracies = knn_accuracies(
+    mine = torch.tensor(my_share(len(test_y)), dtype=torch.int64)
+    hits = knn_hits(
         bank,
         train_y,
-        F.normalize(test_x, dim=1),
-        test_y,
+        F.normalize(test_x[mine], dim=1),
+        test_y[mine],
         cfg.knn.k,
         cfg.knn.temperature,
         splits.num_classes,
         cfg.knn.chunk,
         normalized=True,
     )
-    results = {f"k{k}": acc for k, acc in accuracies.items()}
+    hits = {k: sum_over_processes(h.to(setup.device)).long().cpu() for k, h in hits.items()}
+    results: dict[str, Any] = {f"k{k}": acc for k, acc in _percent(hits, len(test_y)).items()}
     results |= {
         "run_dir": str(setup.run_dir),
         "temperature": cfg.knn.temperature,
@@ -225,4 +264,5 @@ def knn_eval(cfg: KnnConfig) -> dict[str, Any]:
         "test_images": len(test_y),
     }
     write_results(setup, cfg, "knn-eval", results)
+    dist.barrier()  # nobody exits before rank 0 has written the results
     return results

@@ -24,11 +24,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from wcl import dist
 from wcl.eval.common import open_run, split_features, start_run, write_results
 from wcl.eval.config import LinearConfig
 from wcl.eval.data import MapImages, eval_transform, load_splits, train_transform
 from wcl.eval.features import file_identity
-from wcl.eval.loop import Recipe, evaluate, fit, seeded_loader, summarise, tensor_batches
+from wcl.eval.loop import Recipe, epoch_loader, evaluate, fit, summarise, tensor_batches
+from wcl.eval.shards import (
+    local_batch,
+    my_share,
+    sampled_batches,
+    shard,
+    train_sampler,
+    wrap_ddp,
+)
 from wcl.optim import param_groups
 
 __all__ = ["LinearProbe", "linear_classifier", "linear_eval", "train_linear_on_features"]
@@ -45,11 +54,11 @@ def linear_classifier(in_dim: int, num_classes: int, init_std: float = 0.01) -> 
 class LinearProbe(nn.Module):
     """Frozen backbone (always in eval mode, no gradients) followed by a trainable ``fc``.
 
-    ``forward(x)``: images (B, C, H, W) -> logits (B, classes), float32 (the classifier
-    runs outside autocast).
+    ``fc``: the Linear(C, classes), or a DDP wrapper of it. ``forward(x)``: images
+    (B, C, H, W) -> logits (B, classes), float32 (the classifier runs outside autocast).
     """
 
-    def __init__(self, backbone: nn.Module, fc: nn.Linear) -> None:
+    def __init__(self, backbone: nn.Module, fc: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone.requires_grad_(False).eval()
         self.fc = fc
@@ -124,28 +133,40 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
     Writes to the run directory: config.yaml, last.pt (classifier, optimiser, epoch,
     history; ``resume`` "auto" or a path continues from one), results.json (top-1/top-5
     final and best, per-epoch history) and, in fast mode, features-train/test.pt.
+    One process or several (torchrun / srun): ``linear.batch_size`` is global, each process
+    trains the classifier (under DDP) on its share of every batch and tests its share of
+    the test set; rank 0 writes the files.
     """
     command = "linear-eval" if cfg.linear.mode == "protocol" else "linear-eval-fast"
     setup = open_run(cfg, command, resume, trains=True)
+    s, run, device = cfg.linear, cfg.run, setup.device
+    per_process = local_batch(s.batch_size, "linear.batch_size")
     splits = load_splits(cfg.data, setup.channels)
     start_run(setup, cfg)
-    s, run, device = cfg.linear, cfg.run, setup.device
     batch = min(s.batch_size, len(splits.train))
     recipe = _recipe(s, batch)
-    torch.manual_seed(run.seed)
+    torch.manual_seed(run.seed)  # the same initial classifier on every process
     fc = linear_classifier(setup.backbone.spec.feature_dim, splits.num_classes, s.init_std)
     fc = fc.to(device)
+    head = wrap_ddp(fc)
     pin = device.type == "cuda"
+    # Partial last batches are kept (drop_last False), as in the release; a batch at least
+    # the training set's size becomes one step over the whole set.
+    sampler = train_sampler(range(len(splits.train)), run.seed, drop_last=False)
+    per_process = min(per_process, len(sampler))
+    steps = math.ceil(len(sampler) / per_process)
 
     if s.mode == "fast":
         feats = split_features(cfg, setup, splits, s.cache_features)
         (train_x, train_y), (test_x, test_y) = ((f.to(device), t.to(device)) for f, t in feats)
-        model: nn.Module = fc
+        model: nn.Module = head
         amp = None
-        steps = math.ceil(len(train_x) / batch)
 
         def batches_for(epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
-            return tensor_batches(train_x, train_y, batch, run.seed, epoch)
+            return sampled_batches(train_x, train_y, sampler, per_process, epoch)
+
+        mine = torch.tensor(my_share(len(test_x)), dtype=torch.int64, device=device)
+        test_x, test_y = test_x[mine], test_y[mine]  # this process's share of the test set
 
         def test() -> dict[str, float]:
             size = run.eval_batch_size
@@ -154,15 +175,17 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
     else:
         # channels_last: the faster convolution layout on GPUs (tensor cores).
         layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
-        model = LinearProbe(setup.backbone.module, fc).to(device, memory_format=layout)
+        backbone = setup.backbone.module.to(device, memory_format=layout)
+        model = LinearProbe(backbone, head)  # trains through DDP
+        probe = LinearProbe(backbone, fc)  # the same weights, tested without the wrapper
         amp = setup.amp
         augmented = MapImages(splits.train, train_transform(cfg.data, setup.channels), run.seed)
-        test_set = MapImages(splits.test, eval_transform(cfg.data, setup.channels))
-
-        steps = math.ceil(len(augmented) / batch)
+        test_set = shard(MapImages(splits.test, eval_transform(cfg.data, setup.channels)))
 
         def batches_for(epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
-            return seeded_loader(augmented, batch, run.seed, epoch, cfg.data.workers, False, pin)
+            return epoch_loader(
+                augmented, sampler, per_process, epoch, cfg.data.workers, False, pin
+            )
 
         def test() -> dict[str, float]:
             loader = DataLoader(
@@ -171,7 +194,7 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
                 num_workers=cfg.data.workers,
                 pin_memory=pin,
             )
-            return evaluate(model, loader, device, amp, run.progress)
+            return evaluate(probe, loader, device, amp, run.progress)
 
     extra = {
         "kind": command,
@@ -185,6 +208,7 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
         "mode": s.mode,
         "num_classes": splits.num_classes,
         "batch_size": batch,
+        "processes": dist.world_size(),
         "peak_lr": recipe.peak_lr,
         "train_images": len(splits.train),
         "test_images": len(splits.test),
@@ -212,4 +236,5 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
     )
     results = {**summarise(history), "complete": True, **info, "history": history}
     write_results(setup, cfg, command, results)
+    dist.barrier()  # nobody exits before rank 0 has written the results
     return results

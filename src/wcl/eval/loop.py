@@ -6,6 +6,10 @@ resumable ``last.pt`` (trained weights, optimiser, epoch, step, history). The da
 of epoch e is a function of (seed, e), and :class:`wcl.eval.data.MapImages` makes each
 augmentation a function of (seed, e, index), so a resumed run repeats exactly what an
 uninterrupted one would have done.
+
+Several processes (see :mod:`wcl.eval.shards`): each trains on its share of every global
+batch through a DDP wrapper, evaluates its share of the test set, and the losses and hit
+counts are summed over processes; only rank 0 writes ``last.pt`` and draws progress bars.
 """
 
 from __future__ import annotations
@@ -21,19 +25,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from wcl import dist
 from wcl.checkpoint import save_checkpoint
 from wcl.data import sample_seed
 from wcl.eval.features import autocast
+from wcl.eval.shards import sum_over_processes
 from wcl.optim import lr_at
 
 __all__ = [
     "Recipe",
     "epoch_generator",
+    "epoch_loader",
     "evaluate",
     "fit",
-    "seeded_loader",
     "summarise",
     "tensor_batches",
     "topk_hits",
@@ -82,24 +89,27 @@ def tensor_batches(
         yield x[index], y[index]
 
 
-def seeded_loader(
+def epoch_loader(
     dataset: Dataset,
+    sampler: DistributedSampler,
     batch_size: int,
-    seed: int,
     epoch: int,
     workers: int = 0,
     drop_last: bool = False,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A shuffled loader whose order is a function of (seed, epoch) only."""
+    """This process's loader for ``epoch``: order from (sampler seed, epoch) only.
+
+    ``batch_size`` is the per-process batch; the sampler and a dataset with ``set_epoch``
+    (augmentations) are set to ``epoch``.
+    """
+    sampler.set_epoch(epoch)
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
-    generator = epoch_generator(seed, epoch)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
-        generator=generator,
+        sampler=sampler,
         num_workers=workers,
         drop_last=drop_last,
         pin_memory=pin_memory,
@@ -122,14 +132,21 @@ def evaluate(
     amp: torch.dtype | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """{"top1": %, "top5": %, "loss": mean cross-entropy} of ``model`` (eval mode) on ``batches``."""
+    """{"top1": %, "top5": %, "loss": mean cross-entropy} of ``model`` (eval mode) on ``batches``.
+
+    With several processes ``batches`` is this process's share of the test set (each
+    sample in exactly one share) and every process must call this: hits, losses and counts
+    are summed over processes, so all get the whole test set's figures. Pass the module
+    itself, not a DDP wrapper (shares may differ in length by one batch).
+    """
     was_training = model.training
     model.eval()
     hits = torch.zeros(2, dtype=torch.int64, device=device)
     loss = torch.zeros((), device=device)
     count = 0
+    show = progress and dist.is_main()
     try:
-        for x, y in tqdm(batches, desc="test", disable=not progress, leave=False):
+        for x, y in tqdm(batches, desc="test", disable=not show, leave=False):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, amp):
                 logits = model(x).float()
@@ -138,9 +155,16 @@ def evaluate(
             count += len(y)
     finally:
         model.train(was_training)
-    count = max(count, 1)
-    top1, top5 = (100.0 * h / count for h in hits.tolist())
-    return {"top1": top1, "top5": top5, "loss": float(loss) / count}
+    # One collective for all four sums; float64 keeps the counts exact.
+    local = torch.cat([hits.double(), loss.double().view(1), hits.new_tensor([count]).double()])
+    top1_hits, top5_hits, loss_sum, total = sum_over_processes(local).tolist()
+    # Counts are whole numbers; the mean-times-W round trip may leave 1e-13 of dust.
+    top1_hits, top5_hits, total = round(top1_hits), round(top5_hits), max(round(total), 1)
+    return {
+        "top1": 100.0 * top1_hits / total,
+        "top5": 100.0 * top5_hits / total,
+        "loss": loss_sum / total,
+    }
 
 
 def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -179,7 +203,14 @@ def fit(
     ``batches_for(epoch)`` gives that epoch's training batches; ``test()`` the test
     metrics. ``state``: a loaded ``last.pt`` to continue from. ``report(history, done)``
     is called after every test pass (e.g. to write results.json).
+
+    Several processes: ``model`` is the DDP wrapper, ``saved`` the module inside it, and
+    ``batches_for`` gives this process's share of each global batch (the same number of
+    batches on every process). The epoch's loss is summed over processes; only rank 0
+    writes ``last.pt`` and shows progress, every process can resume from it.
     """
+    main = dist.is_main()
+    progress = progress and main
     history: list[dict[str, Any]] = []
     epoch = step = 0
     if state is not None:
@@ -214,11 +245,14 @@ def fit(
             seen += len(y)
             step += 1
         epoch += 1
+        # The same figure on every process, so that all of them raise (or not) below.
+        local = torch.stack([loss_sum.double(), loss_sum.new_tensor(seen, dtype=torch.float64)])
+        loss_total, seen_total = sum_over_processes(local).tolist()
         row: dict[str, Any] = {
             "epoch": epoch,
             "step": step,
             "lr": lr,
-            "loss": float(loss_sum) / max(seen, 1),
+            "loss": loss_total / max(round(seen_total), 1),
             "seconds": time.perf_counter() - tick,
         }
         if not math.isfinite(row["loss"]):
@@ -231,7 +265,7 @@ def fit(
             shown = f" top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if evaluated else ""
             tqdm.write(f"{desc} epoch {epoch}: loss {row['loss']:.4f}{shown}")
         due = epoch % recipe.checkpoint_every == 0 or epoch == recipe.epochs
-        if run_dir is not None and due:
+        if run_dir is not None and due and main:
             save_checkpoint(
                 {
                     **(extra or {}),
