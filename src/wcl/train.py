@@ -214,6 +214,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     run_dir = Path(cfg.train.out_dir)
     check_run_dir(run_dir, resuming=resume is not None)
     checkpoint = find_resume_checkpoint(resume, run_dir, cfg)
+    dist.barrier()  # every process has checked the directory before rank 0 writes to it
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # Data: every process sees a disjoint 1/world of each global batch.
