@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,8 @@ __all__ = [
     "sections_from_dict",
     "read_config",
     "apply_overrides",
+    "config_changes",
+    "flatten",
 ]
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -218,7 +221,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Range and choice checks, and the combinations that cannot work."""
-    flat = {f"{s}.{k}": v for s, d in cfg.to_dict().items() for k, v in d.items()}
+    flat = flatten(cfg.to_dict())
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"config key {key!r} must be one of {choices}, got {flat[key]!r}")
@@ -264,6 +267,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError("'data.root' must name the image folder when 'data.dataset' is 'folder'")
     if cfg.data.root and not cfg.data.download and not Path(cfg.data.root).exists():
         raise ConfigError(f"'data.root' {cfg.data.root!r} does not exist")
+
+
+def flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"section.key": value}`` from nested section dicts (as ``Config.to_dict()`` gives)."""
+    return {f"{s}.{k}": v for s, d in config.items() if isinstance(d, dict) for k, v in d.items()}
+
+
+def config_changes(
+    saved: dict[str, Any], now: dict[str, Any], may_change: Collection[str]
+) -> list[str]:
+    """``"key: old -> new"`` for every dotted key outside ``may_change`` whose value differs
+    between two nested configs (a resumed run against the run that wrote its checkpoint)."""
+    old, new = flatten(saved), flatten(now)
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in may_change and old.get(key) != new.get(key)
+    ]
 
 
 def preset_path(name_or_path: str | Path) -> Path:

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wcl.checkpoint import load_checkpoint
 from wcl.config import Config
 from wcl.data import build_dataset, dataset_stats, eval_pipeline
 from wcl.eval import extract_features, knn_accuracies, train_linear_on_features
 from wcl.report import write_report
 from wcl.train import build_model, pretrain
+from wcl.weights import load_backbone
 
 __all__ = ["run_demo", "LINEAR_EPOCHS", "EMBEDDING_POINTS"]
 
@@ -40,8 +40,9 @@ def _variant(cfg: Config, out: Path, graph_weight: float) -> Config:
 
 def _pixels(dataset, transform) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised, centre-cropped pixels as flat vectors (N, C*H*W), and targets (N,)."""
-    images = torch.stack([transform(dataset[i][0]) for i in range(len(dataset))])
-    targets = torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+    samples = [dataset[i] for i in range(len(dataset))]  # each decoded once
+    images = torch.stack([transform(image) for image, _ in samples])
+    targets = torch.tensor([int(target) for _, target in samples])
     return images.flatten(1), targets
 
 
@@ -68,15 +69,12 @@ def _evaluate(name: str, train: tuple, test: tuple, num_classes: int, seed: int)
 
 
 def _backbone(cfg: Config, checkpoint: Path | None) -> torch.nn.Module:
-    torch.manual_seed(cfg.train.seed)
-    backbone = build_model(cfg).backbone
+    """The pre-trained backbone of ``checkpoint``, or the config's network freshly
+    initialised (seeded) when there is none; in eval mode."""
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint)["model"]
-        prefix = "backbone."
-        backbone.load_state_dict(
-            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        )
-    return backbone.eval()
+        return load_backbone(checkpoint).module.eval()
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg).backbone.eval()
 
 
 def _summary(methods: dict, minutes: float, epochs: int) -> tuple[str, str]:

@@ -28,7 +28,7 @@ from wcl.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from wcl.config import Config, ConfigError
+from wcl.config import Config, ConfigError, config_changes
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",
@@ -168,10 +168,6 @@ def check_run_dir(run_dir: Path, resuming: bool) -> None:
         )
 
 
-def _flat(config: dict) -> dict[str, object]:
-    return {f"{s}.{k}": v for s, d in config.items() if isinstance(d, dict) for k, v in d.items()}
-
-
 def find_resume_checkpoint(resume: str | None, run_dir: Path, cfg: Config) -> dict | None:
     """The checkpoint to resume from (None: start fresh), checked against ``cfg``.
 
@@ -187,14 +183,9 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, cfg: Config) -> di
     checkpoint = load_checkpoint(path)
     if checkpoint.get("kind") != "pretrain" or "config" not in checkpoint:
         raise CheckpointError(f"{path} is not a wcl pre-training checkpoint")
-    saved, current = _flat(checkpoint["config"]), _flat(cfg.to_dict())
-    changed = sorted(
-        key
-        for key in saved.keys() | current.keys()
-        if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != current.get(key)
-    )
+    changed = config_changes(checkpoint["config"], cfg.to_dict(), MAY_CHANGE_ON_RESUME)
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        details = ", ".join(changed)
         raise CheckpointError(
             f"{path} was written by a run with another config ({details}); resume it with "
             "the same settings, or start a new run in another train.out_dir"

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from wcl import dist
 from wcl.checkpoint import load_checkpoint
-from wcl.config import ConfigError
+from wcl.config import ConfigError, config_changes
 from wcl.eval.config import EvalRun
 from wcl.eval.data import Splits, eval_transform
 from wcl.eval.features import extract_features, file_identity, load_cached_features, save_features
@@ -80,15 +80,10 @@ class Setup:
     state: dict[str, Any] | None  # a loaded last.pt when resuming
 
 
-def _flat(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, d in cfg.items() for k, v in d.items()}
-
-
 def _check_same_config(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    old, new = _flat(saved), _flat(now)
-    changed = sorted(k for k in new if k not in _RESUMABLE_CHANGES and old.get(k) != new[k])
+    changed = config_changes(saved, now, _RESUMABLE_CHANGES)
     if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed[:5])
+        diffs = ", ".join(changed[:5])
         raise ConfigError(f"cannot resume from {path}: its config differs ({diffs})")
 
 

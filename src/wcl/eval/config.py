@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wcl.config import PRESET_DIR, ConfigError, read_config, sections_from_dict
+from wcl.config import PRESET_DIR, ConfigError, flatten, read_config, sections_from_dict
 
 __all__ = [
     "EVAL_PRESET_DIR",
@@ -221,7 +221,7 @@ def config_from_dict(kind: str, raw: dict[str, Any]) -> Any:
     if isinstance(knn, dict) and type(knn.get("k")) is int:
         raw = {**raw, "knn": {**knn, "k": [knn["k"]]}}  # `--set knn.k=20` means [20]
     cfg = sections_from_dict(KINDS[kind], raw)
-    flat = {f"{s}.{k}": v for s, d in cfg.to_dict().items() for k, v in d.items()}
+    flat = flatten(cfg.to_dict())
     _validate(flat)
     return cfg
 
