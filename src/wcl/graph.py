@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = [
     "nearest_neighbours",
+    "row_argmax",
     "components_of_functional_graph",
     "weak_labels",
     "weak_label_stats",
 ]
+
+
+# At most this many similarities (64 MiB in float32) exist at once in nearest_neighbours.
+SIMILARITY_BLOCK_ELEMENTS = 1 << 24
 
 
 def nearest_neighbours(p: torch.Tensor, k: int = 1) -> torch.Tensor:
@@ -35,19 +41,47 @@ def nearest_neighbours(p: torch.Tensor, k: int = 1) -> torch.Tensor:
         raise ValueError(f"k must be in [1, N-1] = [1, {n - 1}], got k={k}")
     # No symmetrisation pass: the components are found for any successor array, so a
     # matmul that rounds the two triangles differently cannot break the labelling.
-    sim = p @ p.T
-    sim.fill_diagonal_(float("-inf"))
-    if k == 1:
-        return sim.argmax(dim=1, keepdim=True)
-    return sim.topk(k, dim=1, sorted=True).indices
+    # Row blocks bound the similarity buffer (1 GiB in one piece at N = 16384).
+    block = max(1, SIMILARITY_BLOCK_ELEMENTS // n)
+    found = []
+    with torch.no_grad():
+        for start in range(0, n, block):
+            sim = p[start : start + block] @ p.T
+            sim.diagonal(offset=start).fill_(float("-inf"))  # entries (i, start + i): self
+            found.append(
+                sim.topk(k, dim=1, sorted=True).indices if k > 1 else row_argmax(sim)[:, None]
+            )
+    return torch.cat(found)
 
 
-def components_of_functional_graph(nxt: torch.Tensor) -> torch.Tensor:
+def row_argmax(sim: torch.Tensor) -> torch.Tensor:
+    """Column of each row's first maximum of ``sim`` (N, M): (N,) long, on ``sim``'s device."""
+    if sim.device.type == "cpu":
+        # torch's CPU argmax over rows is 5-10x slower than NumPy's (bench/weak_labels.py);
+        # both return the first maximum, so ties resolve the same way.
+        exact = sim if sim.dtype in (torch.float32, torch.float64) else sim.float()
+        return torch.from_numpy(exact.detach().numpy().argmax(axis=1))
+    return sim.argmax(dim=1)
+
+
+def components_of_functional_graph(
+    nxt: torch.Tensor, early_exit: bool | None = None
+) -> torch.Tensor:
     """Component ids of the undirected graph with edges {i, nxt[i]}.
 
     ``nxt`` (N,) long, any values in [0, N). Returns (N,) long: for each node the smallest
-    node index of its connected component. O(N log N) work, no host synchronisation.
+    node index of its connected component. O(N log N) work; without ``early_exit`` no
+    host synchronisation, so it can run inside a captured or asynchronous GPU step.
+
+    ``early_exit`` (default: on for CPU tensors, where checking costs no device sync)
+    first tries a shortcut for nearest-neighbour graphs, whose cycles are mutual pairs:
+    it stops pointer jumping as soon as every node reaches a root, typically after 2-3
+    rounds instead of ceil(log2 N); any other graph falls through to the general search.
     """
+    if early_exit if early_exit is not None else nxt.device.type == "cpu":
+        named = _components_if_only_pairs_cycle(nxt.cpu().numpy())
+        if named is not None:
+            return torch.from_numpy(named).to(nxt.device)
     n = nxt.shape[0]
     idx = torch.arange(n, device=nxt.device)
     jump = nxt.clone()
@@ -63,6 +97,29 @@ def components_of_functional_graph(nxt: torch.Tensor) -> torch.Tensor:
     smallest = torch.full((n,), n, dtype=torch.long, device=nxt.device)
     smallest = smallest.scatter_reduce(0, cycle_name, idx, reduce="amin")
     return smallest[cycle_name]
+
+
+def _components_if_only_pairs_cycle(nxt: np.ndarray) -> np.ndarray | None:
+    """Components (smallest member) of ``nxt`` (N,) if every cycle is a self-loop or a
+    mutual pair, else None. On the host in NumPy: at N = 256 torch's per-op overhead would
+    be most of the cost.
+
+    Cutting each mutual pair at its smaller node turns such a graph into a forest; pointer
+    jumping then reaches every root in ceil(log2 depth) rounds.
+    """
+    n = nxt.shape[0]
+    idx = np.arange(n)
+    parent0 = np.where((nxt[nxt] == idx) & (idx <= nxt), idx, nxt)
+    parent = parent0
+    for _ in range(max(1, math.ceil(math.log2(n))) + 1):
+        # Done when every pointer lands on a true root; a node on a longer cycle never does
+        # (even where jumping makes it a fixed point, as on a 4-cycle).
+        if np.array_equal(parent0[parent], parent):
+            smallest = np.full(n, n, dtype=nxt.dtype)
+            np.minimum.at(smallest, parent, idx)
+            return smallest[parent]
+        parent = parent[parent]
+    return None
 
 
 def _components_by_propagation(edges_from: torch.Tensor, edges_to: torch.Tensor, n: int):
@@ -94,8 +151,8 @@ def weak_labels(p: torch.Tensor, k: int = 1) -> torch.Tensor:
 
     Each row is joined to its k most similar other rows (dot product; pass L2-normalised
     rows for cosine similarity); edges are undirected. Returns (N,) long where each row
-    holds the smallest row index of its component. Runs on ``p``'s device; for k=1 it never
-    synchronises with the host. Gradients do not flow (labels are discrete).
+    holds the smallest row index of its component. Runs on ``p``'s device; for k=1 on an
+    accelerator it never synchronises with the host. Gradients do not flow (labels are discrete).
     """
     with torch.no_grad():
         nn_idx = nearest_neighbours(p.detach(), k)
@@ -120,10 +177,24 @@ def weak_label_stats(
     components = (labels == idx).sum().float()  # one root (smallest member) per component
     stats = {"components": components, "component_size": n / components}
     if targets is not None:
-        targets = targets.to(labels.device)
+        targets = targets.to(labels.device).long()
         known = targets >= 0
-        pair = (labels[:, None] == labels[None, :]) & (known[:, None] & known[None, :])
-        pair.fill_diagonal_(False)
-        agree = pair & (targets[:, None] == targets[None, :])
-        stats["precision"] = agree.sum().float() / pair.sum().clamp(min=1).float()
+        # Unlabelled rows get keys of their own (negative, distinct), so they pair with nothing.
+        alone = -1 - idx
+        pairs = _pairs_with_equal_key(torch.where(known, labels, alone))
+        agree = _pairs_with_equal_key(torch.where(known, labels * 2**32 + targets, alone))
+        stats["precision"] = agree.float() / pairs.clamp(min=1).float()
     return stats
+
+
+def _pairs_with_equal_key(keys: torch.Tensor) -> torch.Tensor:
+    """Number of ordered pairs (i != j) with keys[i] == keys[j], keys (N,) long: 0-d long.
+
+    Sort and binary search give each row the size m of its key's group, and a group adds
+    m (m - 1) pairs; O(N log N) memory-light work in place of an N x N comparison.
+    """
+    ordered = keys.sort().values
+    group_size = torch.searchsorted(ordered, ordered, right=True) - torch.searchsorted(
+        ordered, ordered
+    )
+    return (group_size - 1).sum()
