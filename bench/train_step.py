@@ -34,6 +34,8 @@ from wcl.optim import LARS, param_groups
 MODELS = {
     "demo": {"backbone": "resnet10", "stem": "small-s2", "width": 32, "channels": 1, "size": 28,
              "batch": 256, "hidden": 512, "out": 128},
+    "demo-b2048": {"backbone": "resnet10", "stem": "small-s2", "width": 32, "channels": 1,
+                   "size": 28, "batch": 2048, "hidden": 512, "out": 128},
     "resnet50-64px": {"backbone": "resnet50", "stem": "imagenet", "width": 64, "channels": 3,
                       "size": 64, "batch": 64, "hidden": 4096, "out": 256},
 }  # fmt: skip
@@ -99,13 +101,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(*args.one, args.steps)))
         return
     rows = []
-    for model_name in MODELS:
+    for model_name in args.models:
         runs = {"release": [], "ours": []}
         # Alternate the two paths over several rounds so that drift in the machine's load
         # falls on both alike; keep the median round of each.

@@ -31,11 +31,19 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _drop(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``logits`` with entries (rows[i], cols[i]) set to -inf (an anchor's own column)."""
+def _logits_without_self(
+    anchors: torch.Tensor, candidates: torch.Tensor, self_col: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """anchors (a, d) @ candidates (c, d).T / temperature: (a, c), with entry
+    (i, self_col[i]) (an anchor's own column) set to -inf."""
+    # Scaling the a x d anchors rather than the a x c product, and filling the product in
+    # place (matmul keeps its inputs, not its output, for backward), leaves one a x c buffer
+    # where the plain formula makes three.
+    logits = (anchors / temperature) @ candidates.T
     # A fill kernel, not torch.tensor(...): a host-to-device copy would synchronise on CUDA.
     minus_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
-    return logits.index_put((rows, cols), minus_inf)
+    rows = torch.arange(anchors.shape[0], device=anchors.device)
+    return logits.index_put_((rows, self_col), minus_inf)
 
 
 def instance_loss(
@@ -59,13 +67,11 @@ def instance_loss(
     b, n = z1.shape[0], z1_all.shape[0]
     with _no_autocast(z1.device):
         z1, z2, z1_all, z2_all = _float32(z1, z2, z1_all, z2_all)
-        anchors = torch.cat([z1, z2])
-        logits = anchors @ torch.cat([z1_all, z2_all]).T / temperature  # (2b, 2N)
         local = torch.arange(b, device=z1.device) + offset
         self_col = torch.cat([local, local + n])
         positive_col = torch.cat([local + n, local])
-        rows = torch.arange(2 * b, device=z1.device)
-        logits = _drop(logits, rows, self_col)
+        anchors, candidates = torch.cat([z1, z2]), torch.cat([z1_all, z2_all])
+        logits = _logits_without_self(anchors, candidates, self_col, temperature)  # (2b, 2N)
         return F.cross_entropy(logits, positive_col)
 
 
@@ -89,11 +95,10 @@ def supervised_contrastive_loss(
     b, n = anchors.shape[0], candidates.shape[0]
     with _no_autocast(anchors.device):
         anchors, candidates = _float32(anchors, candidates)
-        rows = torch.arange(b, device=anchors.device)
-        own = rows + offset
-        logits = anchors @ candidates.T / temperature  # (b, N)
-        logits = _drop(logits, rows, own)
+        own = torch.arange(b, device=anchors.device) + offset
+        logits = _logits_without_self(anchors, candidates, own, temperature)  # (b, N)
         log_denominator = torch.logsumexp(logits, dim=1)
+        del logits  # logsumexp keeps what its backward needs
 
         label_sum = torch.zeros_like(candidates).index_add(0, labels, candidates)
         ones = torch.ones(n, dtype=candidates.dtype, device=labels.device)
