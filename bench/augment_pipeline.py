@@ -7,7 +7,8 @@ Three ways to make the two augmented views of every image, on the same uint8 ima
 (a) ``pil-v1``: the release's pipeline, PIL + torchvision.transforms (v1), per image in a
     DataLoader with 0, 1 and 2 workers: ToPILImage, RandomResizedCrop, RandomApply(ColorJitter,
     p=0.8), RandomGrayscale(0.2), RandomApply(GaussianBlur, p=blur), horizontal flip, ToTensor,
-    Normalize, in the release's order. On greyscale images it runs the same ops (PIL makes
+    Normalize, in the release's order; the blur is MoCo v2's PIL ``ImageFilter.GaussianBlur``
+    (radius = sigma), the fast one, not v1's tensor convolution. On greyscale images it runs the same ops (PIL makes
     saturation, hue and greyscale no-ops on mode "L", but they still cost a little).
 (b) ``v2-per-image``: wcl's per-image v2 pipelines through ``TwoViews``, same workers.
 (c) ``batch``: :class:`wcl.data.BatchAugment` in the main process on whole batches of 256,
@@ -15,8 +16,10 @@ Three ways to make the two augmented views of every image, on the same uint8 ima
     through a DataLoader (0 workers) as a trainer would; ``batch, aug only`` slices the
     uint8 tensor directly.
 
-Data: Fashion-MNIST (28 px greyscale, from ``wcl.data.load_fashion_mnist``) and "photos32":
-CIFAR-like 32 px RGB tiles cut from the test fixture photos. "images/s" counts source images,
+Data: Fashion-MNIST (28 px greyscale, from ``wcl.data.load_fashion_mnist``), "photos32":
+CIFAR-like 32 px RGB tiles cut from the test fixture photos, and "photos224": scikit-learn's
+two 640 x 427 sample photos (cycled, an eighth as many images, batches of 32) augmented to
+224 px as for ImageNet; the batched path needs equal-sized images, so it skips photos224. "images/s" counts source images,
 each turned into two views. Each figure is the median of ``--reps`` timed passes over the
 images; workers are persistent and warmed up by one untimed pass, so start-up is excluded.
 The main process uses ``--threads`` torch threads (default 1: on a small shared machine
@@ -30,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as v1
 from torchvision.transforms.v2 import functional as TF
@@ -46,7 +51,6 @@ from wcl.data import (
     TwoViews,
     batch_strong_pipeline,
     batch_weak_pipeline,
-    blur_kernel_size,
     dataset_stats,
     decode_image,
     load_fashion_mnist,
@@ -89,12 +93,21 @@ class PilTwoViews(Dataset):
         return self.transform(image), self.transform(image), index
 
 
+class PilGaussianBlur:
+    """MoCo v2's blur, which its descendants' PIL pipelines use: PIL's ImageFilter with
+    radius = sigma ~ U(0.1, 2.0). Several times faster than v1.GaussianBlur, which converts
+    a PIL image to a tensor and convolves with a k x k kernel."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
 def release_pipeline(size: int, mean, std, strong: bool, blur_prob: float = 0.5) -> v1.Compose:
     """The release's PIL + v1 augmentation (MoCo v2 weak / SimCLR strong) at ``size`` pixels."""
     crop = v1.RandomResizedCrop(size, scale=(0.08 if strong else 0.2, 1.0))
     strengths = (0.8, 0.8, 0.8, 0.2) if strong else (0.4, 0.4, 0.4, 0.1)
     jitter = v1.RandomApply([v1.ColorJitter(*strengths)], p=0.8)
-    blur = v1.RandomApply([v1.GaussianBlur(blur_kernel_size(size), (0.1, 2.0))], p=blur_prob)
+    blur = v1.RandomApply([PilGaussianBlur()], p=blur_prob)
     flip = v1.RandomHorizontalFlip()
     ops = [crop, flip, jitter, v1.RandomGrayscale(0.2), blur]
     if not strong:
@@ -118,6 +131,16 @@ def photo_tiles(count: int, side: int = 32, stride: int = 8) -> torch.Tensor:
     return torch.stack([tiles[i % len(tiles)] for i in range(count)])
 
 
+def full_photos(count: int) -> list[torch.Tensor]:
+    """``count`` uint8 (3, 427, 640) photos: scikit-learn's two sample images, cycled."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [
+        torch.from_numpy(p).permute(2, 0, 1).contiguous() for p in load_sample_images().images
+    ]
+    return [photos[i % len(photos)] for i in range(count)]
+
+
 def time_passes(run_pass: Callable[[], int], reps: int, warm_up: bool) -> list[float]:
     """Images/s of ``reps`` timed calls of ``run_pass`` (returns images done)."""
     if warm_up:
@@ -130,10 +153,10 @@ def time_passes(run_pass: Callable[[], int], reps: int, warm_up: bool) -> list[f
     return rates
 
 
-def loader_pass(dataset: Dataset, workers: int) -> Callable[[], int]:
+def loader_pass(dataset: Dataset, workers: int, batch: int = BATCH) -> Callable[[], int]:
     loader = DataLoader(
         dataset,
-        batch_size=BATCH,
+        batch_size=batch,
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers else None,
@@ -181,10 +204,15 @@ def batch_only_pass(images: torch.Tensor, aug: BatchAugment) -> Callable[[], int
     return run
 
 
-def measure(name: str, images: torch.Tensor, stats_name: str, reps: int) -> dict[str, dict]:
-    """All methods on one data set, weak and strong: {column: {row: [images/s per rep]}}."""
-    size = images.shape[-1]
-    mean, std = dataset_stats(stats_name, images.shape[1])
+def measure(
+    name: str, images: torch.Tensor | list[torch.Tensor], stats_name: str, reps: int,
+    size: int | None = None, batch: int = BATCH,
+) -> dict[str, dict]:  # fmt: skip
+    """All methods on one data set, weak and strong: {column: {row: [images/s per rep]}}.
+    ``images``: a uint8 (N, C, H, W) tensor, or a list of (C, H, W) of any sizes (then no
+    batched path); ``size``: output side (default: the images' own)."""
+    size = size or images[0].shape[-1]
+    mean, std = dataset_stats(stats_name, images[0].shape[0])
     results: dict[str, dict] = {}
     for strong in (False, True):
         column = f"{name} {'strong' if strong else 'weak'}"
@@ -195,14 +223,15 @@ def measure(name: str, images: torch.Tensor, stats_name: str, reps: int) -> dict
         rows: dict[str, list[float]] = {}
         for workers in WORKERS:
             rows[f"(a) pil-v1, {workers} workers"] = time_passes(
-                loader_pass(pil, workers), reps, warm_up=workers > 0
+                loader_pass(pil, workers, batch), reps, warm_up=workers > 0
             )
         for workers in WORKERS:
             rows[f"(b) v2-per-image, {workers} workers"] = time_passes(
-                loader_pass(v2_views, workers), reps, warm_up=workers > 0
+                loader_pass(v2_views, workers, batch), reps, warm_up=workers > 0
             )
-        rows["(c) batch, loader"] = time_passes(batch_loader_pass(images, batched), reps, True)
-        rows["(c) batch, aug only"] = time_passes(batch_only_pass(images, batched), reps, True)
+        if isinstance(images, torch.Tensor):
+            rows["(c) batch, loader"] = time_passes(batch_loader_pass(images, batched), reps, True)
+            rows["(c) batch, aug only"] = time_passes(batch_only_pass(images, batched), reps, True)
         results[column] = rows
         best = {k: round(statistics.median(v)) for k, v in rows.items()}
         print(f"  {column}: {best}", flush=True)
@@ -219,6 +248,9 @@ def markdown(results: dict[str, dict]) -> str:
     for row in rows:
         cells = []
         for column in columns:
+            if row not in results[column]:
+                cells.append("n/a")
+                continue
             base = statistics.median(results[column]["(a) pil-v1, 0 workers"])
             value = statistics.median(results[column][row])
             cells.append(f"{value:,.0f} ({value / base:.1f}x)")
@@ -232,6 +264,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="images per data set (default 1536; quick 384)")
     parser.add_argument("--reps", type=int, help="timed passes per figure (default 3; quick 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, main process")
+    parser.add_argument("--skip-224", action="store_true", help="leave out photos224")
     parser.add_argument("--out", type=Path, help="JSON path (default runs/bench/...)")
     args = parser.parse_args()
     count = args.images or (384 if args.quick else 1536)
@@ -246,6 +279,10 @@ def main() -> None:
     start = time.perf_counter()
     results = measure("fashion-mnist", fashion_images(count), "fashion_mnist", reps)
     results |= measure("photos32", photo_tiles(count), "cifar10", reps)
+    if not args.skip_224:
+        results |= measure(
+            "photos224", full_photos(count // 8), "imagenet", reps, size=224, batch=32
+        )
     seconds = time.perf_counter() - start
 
     table = markdown(results)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torchvision import transforms as v1
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from wcl.data import (
@@ -25,6 +26,7 @@ from wcl.data import (
     two_view_seeds,
     weak_pipeline,
 )
+from wcl.data.augment import GaussianBlur
 from wcl.data.batch_augment import (
     BRIGHTNESS,
     CONTRAST,
@@ -197,15 +199,43 @@ def test_grayscale_matches_torchvision() -> None:
     torch.testing.assert_close(random_grayscale(images, flags), ref, atol=TIGHT, rtol=0)
 
 
-@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32), (3, 64)])
-def test_blur_matches_torchvision(channels: int, size: int) -> None:
-    k = blur_kernel_size(size)
+@pytest.mark.parametrize(
+    ("channels", "size", "k"),
+    [(1, 28, None), (3, 32, None), (3, 64, None), (3, 224, None), (1, 5, 9), (3, 2, 3)],
+)
+def test_blur_matches_torchvision(channels: int, size: int, k: int | None) -> None:
+    """Including kernels wider than the image (reflection past both edges) and 2 px images."""
+    k = k or blur_kernel_size(size)
     images = rand_images(6, channels, size, size)
     sigma = torch.linspace(0.1, 2.0, 6)
     ref = torch.stack(
         [TF.gaussian_blur(x, [k, k], [float(s)]) for x, s in zip(images, sigma, strict=True)]
     )
-    torch.testing.assert_close(gaussian_blur(images, sigma, k), ref, atol=TIGHT, rtol=0)
+    # k products summed in another order: float32 rounding grows with the kernel a little.
+    torch.testing.assert_close(gaussian_blur(images, sigma, k), ref, atol=2 * TIGHT, rtol=0)
+
+
+def test_blur_on_non_square_images() -> None:
+    images = rand_images(3, 3, 17, 40)
+    sigma = torch.tensor([0.3, 1.0, 2.0])
+    ref = torch.stack(
+        [TF.gaussian_blur(x, [7, 7], [float(s)]) for x, s in zip(images, sigma, strict=True)]
+    )
+    torch.testing.assert_close(gaussian_blur(images, sigma, 7), ref, atol=TIGHT, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_per_image_blur_draws_sigma_like_torchvision(dtype: torch.dtype) -> None:
+    """wcl's GaussianBlur transform against v2.GaussianBlur under the same global seed:
+    same sigma draw, same pixels (uint8: off by at most one rounding step)."""
+    image = (torch.rand(3, 48, 40) * 255).to(dtype)
+    torch.manual_seed(5)
+    ours = GaussianBlur(5)(image)
+    torch.manual_seed(5)
+    ref = v2.GaussianBlur(5, sigma=(0.1, 2.0))(image)
+    assert ours.dtype == dtype
+    atol = 1 if dtype == torch.uint8 else 1e-4  # float pixels here span 0-255
+    torch.testing.assert_close(ours.float(), ref.float(), atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

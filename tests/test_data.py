@@ -34,6 +34,7 @@ from wcl.data import (
     strong_pipeline,
     weak_pipeline,
 )
+from wcl.data.augment import GaussianBlur
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FASHION_PNG = FIXTURES / "fashion"
@@ -426,15 +427,15 @@ def test_weak_and_strong_differ_in_crop_scale_and_jitter() -> None:
         assert jitter_apply.p == 0.8
         (grey,) = _find(pipe, v2.RandomGrayscale)
         assert grey.p == 0.2
-        (blur,) = _find(pipe, v2.GaussianBlur)
-        assert blur.kernel_size == (3, 3) and tuple(blur.sigma) == (0.1, 2.0)
+        (blur,) = _find(pipe, GaussianBlur)
+        assert blur.kernel_size == 3 and tuple(blur.sigma) == (0.1, 2.0)
         assert len(_find(pipe, v2.RandomHorizontalFlip)) == 1
     # jitter scales the strengths; min_scale and blur_prob are tunable.
     tuned = weak_pipeline(28, FM_MEAN, FM_STD, min_scale=0.5, jitter=0.5, blur_prob=0.0)
     (tj,) = _find(tuned, v2.ColorJitter)
     assert tj.brightness == pytest.approx((0.8, 1.2)) and tj.contrast == pytest.approx((0.8, 1.2))
     assert tuple(_find(tuned, v2.RandomResizedCrop)[0].scale) == (0.5, 1.0)
-    assert _find(tuned, v2.GaussianBlur) == []
+    assert _find(tuned, GaussianBlur) == []
 
 
 def test_greyscale_pipelines_drop_colour_only_ops() -> None:

@@ -1,6 +1,7 @@
 """Data loading (IDX, image folders, torchvision datasets) and contrastive augmentations."""
 
 from wcl.data.augment import (
+    GaussianBlur,
     TwoViews,
     WithIndex,
     blur_kernel_size,
@@ -50,6 +51,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
     "BatchAugment",
+    "GaussianBlur",
     "BrokenFile",
     "BrokenImageError",
     "BrokenImageWarning",

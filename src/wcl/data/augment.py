@@ -14,9 +14,11 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 __all__ = [
+    "GaussianBlur",
     "WithIndex",
     "TwoViews",
     "blur_kernel_size",
+    "gaussian_blur",
     "eval_pipeline",
     "sample_seed",
     "strong_pipeline",
@@ -61,11 +63,69 @@ def _colour_ops(
     return ops
 
 
-def _blur_ops(size: int, blur_prob: float) -> list[v2.Transform]:
+def _reflect_blur_matrices(sigma: torch.Tensor, kernel_size: int, n: int) -> torch.Tensor:
+    """(B, n, n) matrices M with M @ v = v blurred along its n entries with a Gaussian of
+    per-sample ``sigma`` (B,) pixels, ``kernel_size`` taps and reflect padding."""
+    taps = torch.arange(kernel_size, dtype=sigma.dtype, device=sigma.device)
+    weights = torch.exp(-0.5 * ((taps - (kernel_size - 1) / 2) / sigma[:, None]) ** 2)
+    weights = weights / weights.sum(dim=1, keepdim=True)  # (B, k)
+    rows = torch.arange(n, device=sigma.device)[:, None]
+    source = rows + torch.arange(kernel_size, device=sigma.device) - kernel_size // 2  # (n, k)
+    if n > 1:  # reflect at both edges, "dcb|abcd|cba": period 2 (n - 1)
+        source = source.remainder(2 * (n - 1))
+        source = torch.where(source >= n, 2 * (n - 1) - source, source)
+    else:
+        source = torch.zeros_like(source)
+    b = sigma.shape[0]
+    matrices = torch.zeros(b, n, n, dtype=sigma.dtype, device=sigma.device)
+    return matrices.scatter_add_(
+        2, source.expand(b, n, kernel_size), weights[:, None, :].expand(b, n, kernel_size)
+    )
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur float ``images`` (B, C, H, W), each with its own ``sigma`` (B,) (pixels):
+    torchvision's gaussian_blur (reflect padding, ``kernel_size`` taps) per sample.
+
+    The Gaussian is separable and each 1-D pass with its reflect padding is a banded
+    n x n matrix, so the blur is two matrix products: on the CPU several times faster than
+    torchvision's k x k convolution or two depthwise 1-D convolutions (BENCHMARKS.md, data
+    pipeline), and plain batched matmuls on a GPU.
+    """
+    _, _, height, width = images.shape
+    sigma = sigma.to(images.device, images.dtype)
+    across = _reflect_blur_matrices(sigma, kernel_size, width)[:, None]  # (B, 1, W, W)
+    down = (
+        across if height == width else _reflect_blur_matrices(sigma, kernel_size, height)[:, None]
+    )
+    return down @ (images @ across.transpose(-1, -2))
+
+
+class GaussianBlur(torch.nn.Module):
+    """Per-image Gaussian blur of a uint8 (C, H, W) tensor, sigma ~ U(sigma range) drawn
+    from torch's global generator as ``v2.GaussianBlur`` draws it; the same result up to
+    float rounding, by :func:`gaussian_blur`'s matrix products instead of a convolution."""
+
+    def __init__(self, kernel_size: int, sigma: tuple[float, float] = _BLUR_SIGMA) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.sigma = sigma
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        sigma = torch.empty(1).uniform_(*self.sigma)
+        blurred = gaussian_blur(image[None].float(), sigma, self.kernel_size)[0]
+        if image.is_floating_point():
+            return blurred.to(image.dtype)
+        return blurred.round_().clamp_(0, 255).to(image.dtype)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, sigma={self.sigma}"
+
+
+def _blur_ops(size: int, blur_prob: float) -> list[Transform]:
     if blur_prob <= 0:
         return []
-    blur = v2.GaussianBlur(blur_kernel_size(size), sigma=_BLUR_SIGMA)
-    return [v2.RandomApply([blur], p=blur_prob)]
+    return [v2.RandomApply([GaussianBlur(blur_kernel_size(size))], p=blur_prob)]
 
 
 # Colour-jitter strengths (brightness, contrast, saturation, hue) of the two recipes.
