@@ -1,11 +1,13 @@
 """Gaussian blur kernels: wcl's banded-matrix blur against torchvision's and a depthwise one.
 
-``python bench/blur.py [--threads 1]`` times, per image, at 224 px (one RGB image, the
-per-image pipeline's case) and at 32 px (a batch of 256, the batched pipeline's case):
-(a) ``torchvision.transforms.v2.functional.gaussian_blur`` (a k x k convolution), looped
-over images with their own sigma; (b) two depthwise 1-D convolutions with per-sample
-kernels (wcl's blur before session 2); (c) ``wcl.data.gaussian_blur`` (two banded matrix
-products). Kernel size as the pipelines use (10% of the side), sigma spread over [0.1, 2].
+``python bench/blur.py [--threads 1]`` times, per image, one RGB image at a time (the
+per-image pipeline's case) and whole batches (the batched pipeline's case), at 32 and
+224 px: (a) ``torchvision.transforms.v2.functional.gaussian_blur`` (a k x k convolution),
+looped over images with their own sigma; (b) two depthwise 1-D convolutions with
+per-sample kernels (``wcl.data.batch_augment.gaussian_blur``, BatchAugment's); (c) two
+banded matrix products (``wcl.data.augment.matrix_gaussian_blur``, the per-image
+``GaussianBlur``'s). Kernel size as the pipelines use (10% of the side), sigma spread over
+[0.1, 2].
 Prints median ms per image and ratios against (a); writes runs/bench/blur.json.
 """
 
@@ -16,27 +18,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from wcl.data import blur_kernel_size
-from wcl.data.augment import gaussian_blur
+from wcl.data.augment import matrix_gaussian_blur
+from wcl.data.batch_augment import gaussian_blur as depthwise_blur
 
 
 def torchvision_blur(images: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(
         [TF.gaussian_blur(x, [k, k], [float(s)]) for x, s in zip(images, sigma, strict=True)]
     )
-
-
-def depthwise_blur(images: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
-    b, c, h, w = images.shape
-    taps = torch.arange(k, dtype=images.dtype) - (k - 1) / 2
-    kernels = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2)
-    kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(c, dim=0)
-    x = F.pad(images.reshape(1, b * c, h, w), [k // 2] * 4, mode="reflect")
-    x = F.conv2d(x, kernels.view(b * c, 1, 1, k), groups=b * c)
-    return F.conv2d(x, kernels.view(b * c, 1, k, 1), groups=b * c).view(b, c, h, w)
 
 
 def per_image_ms(fn, images: torch.Tensor, sigma: torch.Tensor, k: int, reps: int) -> float:
@@ -56,27 +48,27 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for size, batch in ((224, 1), (32, 256)):
+    for size, batch in ((32, 1), (32, 256), (224, 1), (224, 16)):
         images = torch.rand(batch, 3, size, size)
         sigma = torch.linspace(0.1, 2.0, batch)
         k = blur_kernel_size(size)
         ref = torchvision_blur(images, sigma, k)
         row = {"size": size, "batch": batch, "kernel": k}
         for name, fn in (("torchvision", torchvision_blur), ("depthwise", depthwise_blur),
-                         ("wcl", gaussian_blur)):  # fmt: skip
+                         ("matrix", matrix_gaussian_blur)):  # fmt: skip
             torch.testing.assert_close(fn(images, sigma, k), ref, atol=1e-5, rtol=0)
             row[name] = per_image_ms(fn, images, sigma, k, args.reps)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(
-        "\n| images | kernel | (a) torchvision | (b) depthwise 1-D | (c) wcl | (a)/(c) | (b)/(c) |"
+        "\n| images | kernel | (a) torchvision | (b) depthwise | (c) matrix | (a)/(b) | (a)/(c) |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['batch']} x {r['size']} px | {r['kernel']} | {r['torchvision']:.3f} ms | "
-            f"{r['depthwise']:.3f} ms | {r['wcl']:.3f} ms | {r['torchvision'] / r['wcl']:.1f}x | "
-            f"{r['depthwise'] / r['wcl']:.1f}x |"
+            f"{r['depthwise']:.3f} ms | {r['matrix']:.3f} ms | "
+            f"{r['torchvision'] / r['depthwise']:.1f}x | {r['torchvision'] / r['matrix']:.1f}x |"
         )
     out = Path("runs/bench")
     out.mkdir(parents=True, exist_ok=True)

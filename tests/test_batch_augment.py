@@ -26,7 +26,7 @@ from wcl.data import (
     two_view_seeds,
     weak_pipeline,
 )
-from wcl.data.augment import GaussianBlur
+from wcl.data.augment import GaussianBlur, matrix_gaussian_blur
 from wcl.data.batch_augment import (
     BRIGHTNESS,
     CONTRAST,
@@ -199,12 +199,16 @@ def test_grayscale_matches_torchvision() -> None:
     torch.testing.assert_close(random_grayscale(images, flags), ref, atol=TIGHT, rtol=0)
 
 
+BLURS = [gaussian_blur, matrix_gaussian_blur]  # BatchAugment's, the per-image transform's
+
+
+@pytest.mark.parametrize("blur", BLURS)
 @pytest.mark.parametrize(
     ("channels", "size", "k"),
     [(1, 28, None), (3, 32, None), (3, 64, None), (3, 224, None), (1, 5, 9), (3, 2, 3)],
 )
-def test_blur_matches_torchvision(channels: int, size: int, k: int | None) -> None:
-    """Including kernels wider than the image (reflection past both edges) and 2 px images."""
+def test_blur_matches_torchvision(blur, channels: int, size: int, k: int | None) -> None:
+    """Including kernels wider than the image (9 taps on 5 px) and 2 px images."""
     k = k or blur_kernel_size(size)
     images = rand_images(6, channels, size, size)
     sigma = torch.linspace(0.1, 2.0, 6)
@@ -212,16 +216,17 @@ def test_blur_matches_torchvision(channels: int, size: int, k: int | None) -> No
         [TF.gaussian_blur(x, [k, k], [float(s)]) for x, s in zip(images, sigma, strict=True)]
     )
     # k products summed in another order: float32 rounding grows with the kernel a little.
-    torch.testing.assert_close(gaussian_blur(images, sigma, k), ref, atol=2 * TIGHT, rtol=0)
+    torch.testing.assert_close(blur(images, sigma, k), ref, atol=2 * TIGHT, rtol=0)
 
 
-def test_blur_on_non_square_images() -> None:
+@pytest.mark.parametrize("blur", BLURS)
+def test_blur_on_non_square_images(blur) -> None:
     images = rand_images(3, 3, 17, 40)
     sigma = torch.tensor([0.3, 1.0, 2.0])
     ref = torch.stack(
         [TF.gaussian_blur(x, [7, 7], [float(s)]) for x, s in zip(images, sigma, strict=True)]
     )
-    torch.testing.assert_close(gaussian_blur(images, sigma, 7), ref, atol=TIGHT, rtol=0)
+    torch.testing.assert_close(blur(images, sigma, 7), ref, atol=TIGHT, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])

@@ -18,7 +18,7 @@ __all__ = [
     "WithIndex",
     "TwoViews",
     "blur_kernel_size",
-    "gaussian_blur",
+    "matrix_gaussian_blur",
     "eval_pipeline",
     "sample_seed",
     "strong_pipeline",
@@ -83,14 +83,17 @@ def _reflect_blur_matrices(sigma: torch.Tensor, kernel_size: int, n: int) -> tor
     )
 
 
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def matrix_gaussian_blur(
+    images: torch.Tensor, sigma: torch.Tensor, kernel_size: int
+) -> torch.Tensor:
     """Blur float ``images`` (B, C, H, W), each with its own ``sigma`` (B,) (pixels):
     torchvision's gaussian_blur (reflect padding, ``kernel_size`` taps) per sample.
 
     The Gaussian is separable and each 1-D pass with its reflect padding is a banded
-    n x n matrix, so the blur is two matrix products: on the CPU several times faster than
-    torchvision's k x k convolution or two depthwise 1-D convolutions (BENCHMARKS.md, data
-    pipeline), and plain batched matmuls on a GPU.
+    n x n matrix, so the blur is two matrix products. For one image on the CPU that is
+    several times faster than torchvision's k x k convolution or two depthwise 1-D
+    convolutions; for whole batches the depthwise form (``BatchAugment``'s) is faster
+    (``bench/blur.py``, BENCHMARKS.md).
     """
     _, _, height, width = images.shape
     sigma = sigma.to(images.device, images.dtype)
@@ -104,7 +107,7 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -
 class GaussianBlur(torch.nn.Module):
     """Per-image Gaussian blur of a uint8 (C, H, W) tensor, sigma ~ U(sigma range) drawn
     from torch's global generator as ``v2.GaussianBlur`` draws it; the same result up to
-    float rounding, by :func:`gaussian_blur`'s matrix products instead of a convolution."""
+    float rounding, by :func:`matrix_gaussian_blur`'s products instead of a convolution."""
 
     def __init__(self, kernel_size: int, sigma: tuple[float, float] = _BLUR_SIGMA) -> None:
         super().__init__()
@@ -113,7 +116,7 @@ class GaussianBlur(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         sigma = torch.empty(1).uniform_(*self.sigma)
-        blurred = gaussian_blur(image[None].float(), sigma, self.kernel_size)[0]
+        blurred = matrix_gaussian_blur(image[None].float(), sigma, self.kernel_size)[0]
         if image.is_floating_point():
             return blurred.to(image.dtype)
         return blurred.round_().clamp_(0, 255).to(image.dtype)

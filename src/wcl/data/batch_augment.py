@@ -43,6 +43,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from wcl.data.augment import (
@@ -53,7 +54,6 @@ from wcl.data.augment import (
     WEAK_JITTER,
     _check_stats,
     blur_kernel_size,
-    gaussian_blur,
     sample_seed,
 )
 
@@ -362,6 +362,30 @@ def random_grayscale(images: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
         return images
     mask = flags.to(images.device).view(-1, 1, 1, 1)
     return torch.where(mask, rgb_to_grayscale(images).expand_as(images), images)
+
+
+def _gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps ``(B, kernel_size)`` for per-sample ``sigma`` (pixels)."""
+    taps = torch.arange(kernel_size, dtype=sigma.dtype, device=sigma.device)
+    taps = taps - (kernel_size - 1) / 2
+    weights = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur each sample with its own ``sigma`` ``(B,)`` (pixels): v2's gaussian_blur per sample.
+
+    Reflect padding as torchvision; the 2-D Gaussian is separable, so two depthwise 1-D
+    convolutions (one group per sample and channel) replace one k x k convolution.
+    """
+    b, c, height, width = images.shape
+    kernels = _gaussian_kernels(sigma.to(images.device, images.dtype), kernel_size)
+    kernels = kernels.repeat_interleave(c, dim=0)  # (B*C, k): one kernel per group
+    pad = kernel_size // 2
+    x = F.pad(images.reshape(1, b * c, height, width), [pad] * 4, mode="reflect")
+    x = F.conv2d(x, kernels.view(b * c, 1, 1, kernel_size), groups=b * c)
+    x = F.conv2d(x, kernels.view(b * c, 1, kernel_size, 1), groups=b * c)
+    return x.view(b, c, height, width)
 
 
 # ---------------------------------------------------------------------------------------------
