@@ -18,26 +18,30 @@ from wcl.data.batch_augment import (
 )
 from wcl.data.check import BrokenFile, DataReport, SizeStats, check_data
 from wcl.data.datasets import (
-    BROKEN_REASONS,
     DATASET_NAMES,
     DATASET_STATS,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
-    IMAGE_EXTENSIONS,
-    BrokenImageError,
-    BrokenImageWarning,
-    DecodedImage,
-    ImageFolderDataset,
-    NoReadableImageError,
     TensorImageDataset,
     build_dataset,
     dataset_stats,
-    decode_image,
-    first_readable,
     load_fashion_mnist,
     load_torchvision_dataset,
     read_idx,
+)
+from wcl.data.decode import (
+    BROKEN_REASONS,
+    BrokenImageError,
+    BrokenImageWarning,
+    DecodedImage,
+    decode_image,
     read_image,
+)
+from wcl.data.folder import (
+    IMAGE_EXTENSIONS,
+    ImageFolderDataset,
+    NoReadableImageError,
+    first_readable,
     read_skip_log,
     unwrap_image_folder,
 )

@@ -20,15 +20,9 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from wcl.data.datasets import (
-    UNREADABLE,
-    BrokenImageError,
-    ImageFolderDataset,
-    _is_image_file,
-    _split_dir,
-    _walk_files,
-    read_image,
-)
+from wcl.data.datasets import _split_dir
+from wcl.data.decode import UNREADABLE, BrokenImageError, read_image
+from wcl.data.folder import ImageFolderDataset, _is_image_file, _walk_files
 
 __all__ = ["BrokenFile", "DataReport", "SizeStats", "check_data"]
 
