@@ -19,7 +19,10 @@ Three ways to make the two augmented views of every image, on the same uint8 ima
 Data: Fashion-MNIST (28 px greyscale, from ``wcl.data.load_fashion_mnist``), "photos32":
 CIFAR-like 32 px RGB tiles cut from the test fixture photos, and "photos224": scikit-learn's
 two 640 x 427 sample photos (cycled, an eighth as many images, batches of 32) augmented to
-224 px as for ImageNet; the batched path needs equal-sized images, so it skips photos224. "images/s" counts source images,
+224 px as for ImageNet; the batched path needs equal-sized images, so it skips photos224,
+which gets (d) ``hybrid`` instead (``data.augment=hybrid``: the crop per image in the
+workers, the rest batched): "workers' part" is what the DataLoader must deliver when a GPU
+does the rest, "all on the CPU" adds the batched rest on this CPU. "images/s" counts source images,
 each turned into two views. Each figure is the median of ``--reps`` timed passes over the
 images; workers are persistent and warmed up by one untimed pass, so start-up is excluded.
 The main process uses ``--threads`` torch threads (default 1: on a small shared machine
@@ -58,6 +61,7 @@ from wcl.data import (
     two_view_seeds,
     weak_pipeline,
 )
+from wcl.data.views import TrainingViews
 
 BATCH = 256
 PHOTOS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "photos"
@@ -171,6 +175,23 @@ def loader_pass(dataset: Dataset, workers: int, batch: int = BATCH) -> Callable[
     return run
 
 
+def hybrid_pass(views: TrainingViews, workers: int, batch: int, whole: bool) -> Callable[[], int]:
+    """data.augment=hybrid: per-image crops in the workers; with ``whole``, the batched rest
+    of the pipeline too (here on the CPU), else only what the workers must deliver."""
+    loader = DataLoader(views.dataset, batch_size=batch, num_workers=workers,
+                        persistent_workers=workers > 0, prefetch_factor=2 if workers else None)  # fmt: skip
+
+    def run() -> int:
+        done = 0
+        for loaded in loader:
+            if whole:
+                views.make(loaded, torch.device("cpu"))
+            done += len(loaded[-1])
+        return done
+
+    return run
+
+
 def batch_loader_pass(images: torch.Tensor, aug: BatchAugment) -> Callable[[], int]:
     """uint8 images + indices through a DataLoader (main process), then two batched views."""
     loader = DataLoader(Images(images), batch_size=BATCH, num_workers=0)
@@ -232,6 +253,17 @@ def measure(
         if isinstance(images, torch.Tensor):
             rows["(c) batch, loader"] = time_passes(batch_loader_pass(images, batched), reps, True)
             rows["(c) batch, aug only"] = time_passes(batch_only_pass(images, batched), reps, True)
+        else:
+            low = 0.08 if strong else 0.2
+            hybrid = TrainingViews(Images(images), "hybrid", size, mean, std, weak_min_scale=low,
+                                   strong_min_scale=low, jitter=1.0, blur_prob=0.5, seed=0)  # fmt: skip
+            for workers in WORKERS:
+                rows[f"(d) hybrid, workers' part, {workers} workers"] = time_passes(
+                    hybrid_pass(hybrid, workers, batch, whole=False), reps, warm_up=workers > 0
+                )
+            rows["(d) hybrid, all on the CPU, 2 workers"] = time_passes(
+                hybrid_pass(hybrid, 2, batch, whole=True), reps, warm_up=True
+            )
         results[column] = rows
         best = {k: round(statistics.median(v)) for k, v in rows.items()}
         print(f"  {column}: {best}", flush=True)
@@ -240,7 +272,7 @@ def measure(
 
 def markdown(results: dict[str, dict]) -> str:
     columns = list(results)
-    rows = list(results[columns[0]])
+    rows = list(dict.fromkeys(row for column in results.values() for row in column))
     lines = [
         "| method | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),

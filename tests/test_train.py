@@ -135,13 +135,14 @@ def test_batch_larger_than_data_is_refused(tmp_path):
         pretrain(tiny_config(tmp_path / "big", "train.batch_size=512"))
 
 
-def test_batched_augmentation_trains_and_resumes_exactly(full_run, tmp_path):
-    """data.augment=batch: same-seed runs agree, a resumed run ends where an uninterrupted
-    one does, and it is a different (valid) run from the per-image pipeline's."""
-    first = tmp_path / "batch"
-    pretrain(tiny_config(first, "data.augment=batch"))
-    resumed = tmp_path / "batch-resumed"
-    pretrain(tiny_config(resumed, "data.augment=batch"), resume=str(first / "epoch-0001.pt"))
+@pytest.mark.parametrize("mode", ["batch", "hybrid"])
+def test_batched_augmentation_trains_and_resumes_exactly(full_run, tmp_path, mode):
+    """data.augment=batch / hybrid: a resumed run ends where an uninterrupted one does,
+    and it is a different (valid) run from the per-image pipeline's."""
+    first = tmp_path / mode
+    pretrain(tiny_config(first, f"data.augment={mode}"))
+    resumed = tmp_path / f"{mode}-resumed"
+    pretrain(tiny_config(resumed, f"data.augment={mode}"), resume=str(first / "epoch-0001.pt"))
     assert_same_weights(final_weights(resumed), final_weights(first))
     ours, loader = final_weights(first), final_weights(full_run)
     assert not torch.equal(ours["backbone.conv1.weight"], loader["backbone.conv1.weight"])
@@ -162,3 +163,21 @@ def test_tensorboard_gets_the_metrics(full_run):
     steps = [e.step for e in events.Scalars("pretrain/loss")]
     rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [r["step"] for r in rows if "loss" in r]
+
+
+def test_hybrid_augmentation_trains_on_a_folder_of_mixed_sizes(tmp_path):
+    """Photos of two sizes (96 x 96 and 96 x 64) in one flat folder: data.augment=batch is
+    refused for it, hybrid crops each image in the loader and trains; the late batch holds
+    the 32 px views the graph saw."""
+    photos = Path(__file__).parent / "fixtures" / "photos"
+    settings = ["data.dataset=folder", f"data.root={photos}", "data.channels=3",
+                "data.image_size=32", "train.batch_size=6", "train.epochs=2"]  # fmt: skip
+    with pytest.raises(ConfigError, match="'loader' or 'hybrid'"):
+        tiny_config(tmp_path / "batch", *settings, "data.augment=batch")
+    run = tmp_path / "hybrid"
+    pretrain(tiny_config(run, *settings, "data.augment=hybrid"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and all(
+        math.isfinite(r["loss"]) for r in rows if "loss" in r
+    )
+    assert torch.load(run / "late_batch.pt")["images"].shape == (6, 3, 32, 32)

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from wcl.data.views import AUGMENT_MODES
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -53,7 +55,9 @@ class DataConfig:
     image_size: int = 28  # crop size in pixels
     channels: int = 1  # 1 = greyscale, 3 = RGB
     workers: int = 2  # DataLoader worker processes per training process
-    augment: str = "loader"  # loader: per image in the workers | batch: whole batches on device
+    # loader: per image in the workers | batch: whole batches on the device (same-size
+    # images) | hybrid: crops per image in the workers, the rest batched on the device
+    augment: str = "loader"
     subset: int | None = None  # use only the first N training images
     weak_min_scale: float = 0.2  # RandomResizedCrop lower scale, weak (warm-up) pipeline
     strong_min_scale: float = 0.08  # the same, strong pipeline
@@ -122,7 +126,7 @@ class Config:
 CHOICES = {
     "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
     "data.channels": (1, 3),
-    "data.augment": ("loader", "batch"),
+    "data.augment": AUGMENT_MODES,
     "model.backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
     "model.stem": ("imagenet", "small", "small-s2"),
     "model.gather": ("exact", "release"),
@@ -261,7 +265,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.augment == "batch" and cfg.data.dataset in ("folder", "stl10"):
         raise ConfigError(
             f"'data.augment' batch needs same-size in-memory images; dataset "
-            f"{cfg.data.dataset!r} needs 'loader'"
+            f"{cfg.data.dataset!r} needs 'loader' or 'hybrid'"
         )
     if cfg.data.dataset == "folder" and not cfg.data.root:
         raise ConfigError("'data.root' must name the image folder when 'data.dataset' is 'folder'")

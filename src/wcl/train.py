@@ -23,20 +23,14 @@ from wcl.backbones import build_backbone
 from wcl.checkpoint import set_rng_state
 from wcl.config import Config, ConfigError
 from wcl.data import (
-    TwoViews,
-    WithIndex,
-    batch_strong_pipeline,
-    batch_weak_pipeline,
     build_dataset,
     dataset_stats,
     eval_pipeline,
     first_readable,
     read_skip_log,
-    strong_pipeline,
-    two_view_seeds,
     unwrap_image_folder,
-    weak_pipeline,
 )
+from wcl.data.views import TrainingViews
 from wcl.model import WCL
 from wcl.optim import LARS, lr_at, param_groups, scaled_lr, set_lr
 from wcl.run import (
@@ -72,16 +66,12 @@ def build_model(cfg: Config) -> WCL:
     )
 
 
-def _training_data(cfg: Config, run_dir: Path):
-    """The training set, its class names ([] if unlabelled), and the (weak, strong)
-    augmentation pipelines.
+def _training_data(cfg: Config, run_dir: Path) -> tuple[TrainingViews, list[str]]:
+    """The training set as two augmented views per image (made where ``data.augment``
+    says: see ``wcl.data.views``), and its class names ([] if unlabelled).
 
-    data.augment "loader": the set yields two augmented views per image (``TwoViews``,
-    per-image pipelines run in the DataLoader workers). "batch": it yields raw uint8
-    images with their index, and the pipelines (``BatchAugment``) run on whole batches on
-    the training device. Either way each image's augmentation depends only on (seed, epoch,
-    index). Unreadable images in a folder data set are replaced by the next readable one
-    and listed in ``run_dir/skipped.jsonl``; a data set with no readable image is an error
+    Unreadable images in a folder data set are replaced by the next readable one and
+    listed in ``run_dir/skipped.jsonl``; a data set with no readable image is an error
     here, before any training.
     """
     d = cfg.data
@@ -94,25 +84,12 @@ def _training_data(cfg: Config, run_dir: Path):
     if d.subset is not None:
         dataset = Subset(dataset, range(min(d.subset, len(dataset))))
     mean, std = dataset_stats(d.dataset, d.channels)
-    batched = d.augment == "batch"
-    weak_fn, strong_fn = (
-        (batch_weak_pipeline, batch_strong_pipeline)
-        if batched
-        else (weak_pipeline, strong_pipeline)
-    )
-    weak = weak_fn(
-        d.image_size, mean, std, min_scale=d.weak_min_scale, jitter=d.jitter, blur_prob=d.blur_prob
-    )
-    strong = strong_fn(
-        d.image_size,
-        mean,
-        std,
-        min_scale=d.strong_min_scale,
-        jitter=d.jitter,
-        blur_prob=d.blur_prob,
-    )
-    data = WithIndex(dataset) if batched else TwoViews(dataset, weak, seed=cfg.train.seed)
-    return data, classes, weak, strong
+    views = TrainingViews(
+        dataset, d.augment, d.image_size, mean, std, weak_min_scale=d.weak_min_scale,
+        strong_min_scale=d.strong_min_scale, jitter=d.jitter, blur_prob=d.blur_prob,
+        seed=cfg.train.seed,
+    )  # fmt: skip
+    return views, classes
 
 
 def _knn_monitor(cfg: Config):
@@ -218,17 +195,16 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # Data: every process sees a disjoint 1/world of each global batch.
-    views, classes, weak, strong = _training_data(cfg, run_dir)
-    labelled, batched = bool(classes), cfg.data.augment == "batch"
-    if batched:
-        weak, strong = weak.to(device), strong.to(device)
+    views, classes = _training_data(cfg, run_dir)
+    views.to(device)
+    labelled = bool(classes)
     local_batch = cfg.train.batch_size // world
     sampler = ResumableSampler(
-        views, num_replicas=world, rank=info.rank, shuffle=True, seed=cfg.train.seed,
+        views.dataset, num_replicas=world, rank=info.rank, shuffle=True, seed=cfg.train.seed,
         drop_last=True,
     )  # fmt: skip
     loader = DataLoader(
-        views,
+        views.dataset,
         batch_size=local_batch,
         sampler=sampler,
         num_workers=cfg.data.workers,
@@ -239,7 +215,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"the training set has {len(views)} images, fewer than one global batch "
+            f"the training set has {len(sampler.dataset)} images, fewer than one global batch "
             f"'train.batch_size' = {cfg.train.batch_size}"
         )
 
@@ -292,9 +268,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
             # Non-zero only when resuming part-way through this epoch.
             sampler.skip = (state.step - epoch * steps_per_epoch) * local_batch
             # The weak (MoCo v2) augmentation during warm-up, the strong (SimCLR) one after.
-            augment = weak if epoch < cfg.optim.warmup_epochs else strong
-            if not batched:
-                views.set_epoch(epoch, augment)
+            views.set_epoch(epoch, strong=epoch >= cfg.optim.warmup_epochs)
             net.train()
             window: list[dict] = []
             tick = time.perf_counter()
@@ -305,15 +279,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
             for loaded in bar:
                 lr = lr_at(state.step, peak_lr, warmup_steps, total_steps, cfg.optim.final_lr)
                 set_lr(optimizer, lr)
-                if batched:
-                    images, targets, indices = loaded
-                    images = images.to(device, non_blocking=True)
-                    seeds1, seeds2 = two_view_seeds(cfg.train.seed, epoch, indices)
-                    x1, x2 = augment(images, seeds1), augment(images, seeds2)
-                else:
-                    x1, x2, targets = loaded
-                x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
-                x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+                x1, x2, targets = views.make(loaded, device, memory_format)
                 targets = targets.to(device, non_blocking=True) if labelled else None
                 with torch.autocast(
                     device.type,

@@ -253,15 +253,15 @@ class TwoViews(Dataset):
 
 
 class WithIndex(Dataset):
-    """``(image, target)`` -> ``(image, target, index)``: raw uint8 samples for batched
-    augmentation on the training device, which seeds each sample by its index."""
+    """Samples with their index appended, e.g. ``(image, target)`` -> ``(image, target,
+    index)``: raw uint8 samples for batched augmentation on the training device, which
+    seeds each sample by its index."""
 
     def __init__(self, base: Dataset) -> None:
         self.base = base
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        image, target = self.base[index]
-        return image, target, index
+    def __getitem__(self, index: int) -> tuple:
+        return (*self.base[index], index)

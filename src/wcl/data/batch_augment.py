@@ -482,8 +482,12 @@ class BatchAugment(torch.nn.Module):
             "sigma": _between(u[:, _U_SIGMA], *_BLUR_SIGMA).float(),
         }
 
-    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Augment uint8 ``images`` ``(B, C, H, W)`` with given ``params`` (see sample_params)."""
+    def apply(
+        self, images: torch.Tensor, params: dict[str, torch.Tensor], crop: bool = True
+    ) -> torch.Tensor:
+        """Augment uint8 ``images`` ``(B, C, H, W)`` with given ``params`` (see sample_params).
+        ``crop=False``: the images are crops already made at ``size`` (``params["crop"]``
+        is ignored); everything after the crop is applied."""
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise TypeError(
                 f"expected uint8 (B, C, H, W) images, got {images.dtype} {images.shape}"
@@ -498,7 +502,8 @@ class BatchAugment(torch.nn.Module):
             [p["crop"].float(), p["flip"][:, None].float(), p["grayscale"][:, None].float()], 1
         ).to(device, non_blocking=True)
         x = images.float().div_(255)
-        x = resized_crop(x, packed[:, :4], self.size, self.antialias)
+        if crop:
+            x = resized_crop(x, packed[:, :4], self.size, self.antialias)
         x = hflip(x, packed[:, 4] > 0.5)
         if self.jitter:
             keys = ("brightness", "contrast", "saturation", "hue")
@@ -514,12 +519,20 @@ class BatchAugment(torch.nn.Module):
         return (x - self.mean.to(device)) / self.std.to(device)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        """One view of each of ``images`` (uint8 ``(B, C, H, W)``) for int64 ``seeds`` ``(B,)``."""
+    def forward(self, images: torch.Tensor, seeds: torch.Tensor, crop: bool = True) -> torch.Tensor:
+        """One view of each of ``images`` (uint8 ``(B, C, H, W)``) for int64 ``seeds`` ``(B,)``.
+
+        ``crop=False`` takes crops already made at ``size`` x ``size`` (e.g. per image in the
+        DataLoader workers, ``data.augment=hybrid``) and applies the rest of the pipeline.
+        """
         if len(seeds) != len(images):
             raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
+        if not crop and tuple(images.shape[-2:]) != (self.size, self.size):
+            raise ValueError(
+                f"crop=False needs {self.size} x {self.size} crops, got {tuple(images.shape[-2:])}"
+            )
         params = self.sample_params(seeds, images.shape[-2], images.shape[-1])
-        return self.apply(images, params)
+        return self.apply(images, params, crop)
 
 
 def _strengths(base: tuple[float, float, float, float], jitter: float) -> tuple[float, ...]:
