@@ -6,13 +6,18 @@ writes them to $OUT/gpu.jsonl (or runs/bench/gpu.jsonl):
 1. host synchronisations: WCL ResNet-50 training steps (weak labels, both losses, backward,
    LARS) under ``torch.cuda.set_sync_debug_mode("error")``: any sync raises;
 2. WCL ResNet-50, 224 px, bf16 autocast + channels_last: images/s against a plain
-   supervised ResNet-50 step (cross-entropy) on the same batch, the ratio WCL / supervised
-   (WCL runs the backbone on two views, so 2.0 would be "no extra cost");
+   supervised ResNet-50 step (cross-entropy) on the same batch, the ratio of step times
+   WCL / supervised, and against a supervised step on 2 x batch images (WCL's backbone
+   sees two views, so that ratio is the cost of the heads, the graph and the losses);
 3. the same with ``torch.compile`` on the backbone;
 4. peak GPU memory at per-GPU batch 128 and 256;
 5. epoch time of CIFAR-size WCL ResNet-18 (small stem, 32 px, batch 512) with the 50,000
-   images held on the GPU as uint8 and augmented there with ``BatchAugment``.
-``--quick`` runs only 1 and 2 at batch 128.
+   images held on the GPU as uint8 and augmented there with ``BatchAugment``;
+6. ``data.augment=hybrid`` at 224 px: the device's share (flip, jitter, greyscale, blur,
+   normalisation of two views of 128 crops) against the WCL step on the same batch.
+``--quick`` runs only 1 and 2 at batch 128. ``--dry-run`` runs every part on the CPU with
+a tiny network, batch and image size, to catch mistakes before spending device time
+(tests/test_bench_gpu.py runs it).
 """
 
 import argparse
@@ -30,6 +35,10 @@ from wcl.model import WCL
 from wcl.optim import LARS, param_groups
 
 RESULTS: list[dict] = []
+FULL = {"device": "cuda", "arch": "resnet50", "size": 224, "dim": 2048, "hidden": 4096,
+        "cifar_images": 50_000, "cifar_batch": 512, "steps": 20, "warmup": 5}  # fmt: skip
+DRY = {"device": "cpu", "arch": "resnet10", "size": 32, "dim": 512, "hidden": 64,
+       "cifar_images": 64, "cifar_batch": 16, "steps": 1, "warmup": 1}  # fmt: skip
 
 
 def report(**record) -> None:
@@ -37,20 +46,24 @@ def report(**record) -> None:
     print(json.dumps(record), flush=True)
 
 
-def wcl_step_fn(batch: int, size: int = 224, compile_backbone: bool = False):
-    device = torch.device("cuda")
-    backbone = build_backbone("resnet50")
-    model = WCL(backbone, backbone.feature_dim, 4096, 256).to(
-        device, memory_format=torch.channels_last
-    )
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def wcl_step_fn(s: dict, batch: int, compile_backbone: bool = False):
+    device = torch.device(s["device"])
+    backbone = build_backbone(s["arch"])
+    model = WCL(backbone, s["dim"], s["hidden"], 256).to(device, memory_format=torch.channels_last)
     if compile_backbone:
         model.backbone = torch.compile(model.backbone)
     optimizer = LARS(param_groups(model, 1e-6), lr=0.1)
-    x1 = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+    x1 = torch.randn(batch, 3, s["size"], s["size"], device=device)
+    x1 = x1.to(memory_format=torch.channels_last)
     x2 = torch.randn_like(x1)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(x1, x2)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -59,17 +72,17 @@ def wcl_step_fn(batch: int, size: int = 224, compile_backbone: bool = False):
     return step
 
 
-def supervised_step_fn(batch: int, size: int = 224):
-    device = torch.device("cuda")
-    net = build_backbone("resnet50")
-    fc = torch.nn.Linear(2048, 1000)
-    model = torch.nn.Sequential(net, fc).to(device, memory_format=torch.channels_last)
+def supervised_step_fn(s: dict, batch: int):
+    device = torch.device(s["device"])
+    model = torch.nn.Sequential(build_backbone(s["arch"]), torch.nn.Linear(s["dim"], 1000))
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, s["size"], s["size"], device=device)
+    x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -78,21 +91,25 @@ def supervised_step_fn(batch: int, size: int = 224):
     return step
 
 
-def images_per_s(step, batch: int, steps: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
+def seconds_per_call(fn, s: dict) -> float:
+    device = torch.device(s["device"])
+    for _ in range(s["warmup"]):
+        fn()
+    synchronize(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
+    for _ in range(s["steps"]):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / s["steps"]
 
 
-def check_syncs(batch: int) -> None:
-    step = wcl_step_fn(batch)
+def check_syncs(s: dict, batch: int) -> None:
+    step = wcl_step_fn(s, batch)
     for _ in range(3):
         step()
+    if s["device"] != "cuda":  # the sync debug mode exists for CUDA only
+        report(check="host_syncs_in_wcl_step", batch=batch, syncs="not checked on cpu")
+        return
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -106,52 +123,87 @@ def check_syncs(batch: int) -> None:
     report(check="host_syncs_in_wcl_step", batch=batch, syncs=found)
 
 
-def throughput(batch: int, compile_backbone: bool) -> None:
-    torch.cuda.reset_peak_memory_stats()
-    wcl = images_per_s(wcl_step_fn(batch, compile_backbone=compile_backbone), batch)
-    wcl_peak = torch.cuda.max_memory_allocated() / 2**30
-    sup = images_per_s(supervised_step_fn(batch), batch)
+def peak_gib(s: dict) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if s["device"] == "cuda" else float("nan")
+
+
+def throughput(s: dict, batch: int, compile_backbone: bool) -> None:
+    if s["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    wcl = seconds_per_call(wcl_step_fn(s, batch, compile_backbone), s)
+    wcl_peak = peak_gib(s)
+    sup = seconds_per_call(supervised_step_fn(s, batch), s)
+    # WCL's backbone sees 2 x batch crops a step: the supervised step on as many crops is
+    # the like-for-like baseline for the heads, graph and losses' cost.
+    sup_views = seconds_per_call(supervised_step_fn(s, 2 * batch), s)
     report(check="wcl_vs_supervised_r50_224", batch=batch, compile=compile_backbone,
-           wcl_images_per_s=wcl, supervised_images_per_s=sup, cost_ratio=sup / wcl,
+           wcl_images_per_s=batch / wcl, supervised_images_per_s=batch / sup,
+           cost_ratio=wcl / sup, cost_ratio_same_crops=wcl / sup_views,
            wcl_peak_gib=wcl_peak)  # fmt: skip
 
 
-def cifar_epoch() -> None:
-    device = torch.device("cuda")
-    images = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, device=device)
+def cifar_epoch(s: dict) -> None:
+    device = torch.device(s["device"])
+    count, batch = s["cifar_images"], s["cifar_batch"]
+    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, device=device)
     augment = batch_strong_pipeline(32, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)).to(device)
-    backbone = build_backbone("resnet18", "small")
-    model = WCL(backbone, 512, 2048, 128).to(device, memory_format=torch.channels_last)
+    backbone = build_backbone("resnet18" if s["device"] == "cuda" else s["arch"], "small")
+    model = WCL(backbone, backbone.feature_dim, 2048, 128).to(
+        device, memory_format=torch.channels_last
+    )
     optimizer = LARS(param_groups(model, 1e-6), lr=0.1)
-    batch = 512
-    torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
-    order = torch.randperm(50_000)
-    for i in range(50_000 // batch):
+    order = torch.randperm(count)
+    for i in range(count // batch):
         idx = order[i * batch : (i + 1) * batch]
         s1, s2 = two_view_seeds(0, 0, idx)
         x = images[idx.to(device)]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(augment(x, s1), augment(x, s2))["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    torch.cuda.synchronize()
-    report(check="cifar_resnet18_epoch_data_on_gpu", batch=batch,
+    synchronize(device)
+    report(check="cifar_resnet18_epoch_data_on_gpu", images=count, batch=batch,
            epoch_s=time.perf_counter() - start)  # fmt: skip
+
+
+def hybrid_device_share(s: dict, batch: int) -> None:
+    """The device's part of data.augment=hybrid (crops arrive made) against a WCL step."""
+    device = torch.device(s["device"])
+    size = s["size"]
+    augment = batch_strong_pipeline(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    augment = augment.to(device)
+    crops = torch.randint(0, 256, (2, batch, 3, size, size), dtype=torch.uint8, device=device)
+    seeds1, seeds2 = two_view_seeds(0, 0, range(batch))
+
+    def views():
+        augment(crops[0], seeds1, False), augment(crops[1], seeds2, False)
+
+    aug = seconds_per_call(views, s)
+    step = seconds_per_call(wcl_step_fn(s, batch), s)
+    report(check="hybrid_device_share_224", batch=batch, augment_s=aug, step_s=step,
+           augment_over_step=aug / step)  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="tiny, on the CPU")
     args = parser.parse_args()
-    report(device=torch.cuda.get_device_name(), torch=torch.__version__)
-    check_syncs(128)
-    throughput(128, compile_backbone=False)
+    s = DRY if args.dry_run else FULL
+    batches = (4, 8) if args.dry_run else (128, 256)
+    name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    report(device=name, torch=torch.__version__)
+    check_syncs(s, batches[0])
+    throughput(s, batches[0], compile_backbone=False)
     if not args.quick:
-        throughput(256, compile_backbone=False)
-        throughput(128, compile_backbone=True)
-        cifar_epoch()
+        throughput(s, batches[1], compile_backbone=False)
+        if not args.dry_run:  # compiling on the CPU takes minutes and tells nothing here
+            throughput(s, batches[0], compile_backbone=True)
+        cifar_epoch(s)
+        hybrid_device_share(s, batches[0])
     out = Path(os.environ.get("OUT", "runs/bench"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RESULTS))

@@ -1,0 +1,30 @@
+"""The prepared GPU run (bench/gpu.py), rehearsed on the CPU with --dry-run, so that a
+mistake in it costs a test failure here rather than a session's GPU time."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent.parent / "bench" / "gpu.py"
+
+
+def test_gpu_script_dry_run_reports_every_check(tmp_path):
+    env = os.environ | {"OUT": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    checks = [r.get("check") for r in records]
+    assert checks == [None, "host_syncs_in_wcl_step", "wcl_vs_supervised_r50_224",
+                      "wcl_vs_supervised_r50_224", "cifar_resnet18_epoch_data_on_gpu",
+                      "hybrid_device_share_224"]  # fmt: skip
+    for record in records[2:4]:
+        assert record["wcl_images_per_s"] > 0 and record["supervised_images_per_s"] > 0
+        # Step-time ratios agree with the images/s they come from.
+        ratio = record["supervised_images_per_s"] / record["wcl_images_per_s"]
+        assert math.isclose(record["cost_ratio"], ratio, rel_tol=1e-9)
+        assert record["cost_ratio_same_crops"] > 0
+    assert records[4]["epoch_s"] > 0 and records[5]["augment_over_step"] > 0
