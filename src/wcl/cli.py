@@ -6,19 +6,18 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from wcl.config import PRESET_DIR, ConfigError, load_config
+from wcl.config import PRESET_DIR, ConfigError, load_config, preset_names
 
 __all__ = ["main"]
 
 
 def _presets() -> str:
-    return ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    return ", ".join(preset_names())
 
 
 def _eval_presets(kind: str) -> str:
-    # The folder is read directly: importing wcl.eval here would import torch for --help.
-    names = sorted(p.stem for p in (PRESET_DIR / "eval").glob(f"{kind}-*.yaml"))
-    return ", ".join(names)
+    # Named here, not imported from wcl.eval (EVAL_PRESET_DIR), which --help does not load.
+    return ", ".join(preset_names(PRESET_DIR / "eval", kind))
 
 
 def _user_errors(run: Callable[[], int]) -> int:

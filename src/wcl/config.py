@@ -29,6 +29,7 @@ __all__ = [
     "TrainConfig",
     "Config",
     "PRESET_DIR",
+    "preset_names",
     "preset_path",
     "load_config",
     "config_from_dict",
@@ -291,16 +292,30 @@ def config_changes(
     ]
 
 
-def preset_path(name_or_path: str | Path) -> Path:
-    """A YAML file path, or the name of a preset shipped in ``wcl/configs``."""
+def preset_names(folder: Path = PRESET_DIR, kind: str | None = None) -> list[str]:
+    """Sorted names of the presets shipped in ``folder``; only the ``kind-*`` ones if given."""
+    return sorted(p.stem for p in folder.glob(f"{kind}-*.yaml" if kind else "*.yaml"))
+
+
+def preset_path(
+    name_or_path: str | Path, folder: Path = PRESET_DIR, kind: str | None = None
+) -> Path:
+    """A YAML file path, or the name of a preset shipped in ``folder`` (default ``wcl/configs``).
+
+    When it is neither, the ``ConfigError`` names the value and the shipped presets (only the
+    ``kind-*`` ones, e.g. ``linear-*``, when ``kind`` is given).
+    """
     path = Path(name_or_path)
-    if path.exists():
+    if path.is_file():
         return path
-    shipped = PRESET_DIR / f"{Path(name_or_path).stem}.yaml"
-    if shipped.exists():
+    shipped = folder / f"{path.stem}.yaml"
+    if shipped.is_file():
         return shipped
-    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    raise ConfigError(f"config file {str(name_or_path)!r} not found; shipped presets: {presets}")
+    shipped_kind = f"{kind} presets" if kind else "presets"
+    raise ConfigError(
+        f"config file {str(name_or_path)!r} not found; "
+        f"shipped {shipped_kind}: {preset_names(folder, kind)}"
+    )
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

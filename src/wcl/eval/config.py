@@ -12,7 +12,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wcl.config import PRESET_DIR, ConfigError, flatten, read_config, sections_from_dict
+from wcl.config import (
+    PRESET_DIR,
+    ConfigError,
+    flatten,
+    preset_names,
+    preset_path,
+    read_config,
+    sections_from_dict,
+)
 
 __all__ = [
     "EVAL_PRESET_DIR",
@@ -228,21 +236,12 @@ def config_from_dict(kind: str, raw: dict[str, Any]) -> Any:
 
 def eval_presets(kind: str | None = None) -> list[str]:
     """Names of the shipped eval presets (``linear-*``, ``knn-*``, ``finetune-*``)."""
-    names = sorted(p.stem for p in EVAL_PRESET_DIR.glob("*.yaml"))
-    return [n for n in names if kind is None or n.startswith(f"{kind}-")]
+    return preset_names(EVAL_PRESET_DIR, kind)
 
 
 def eval_preset_path(name_or_path: str | Path, kind: str) -> Path:
     """A YAML file path, or the name of a preset shipped in ``wcl/configs/eval``."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = EVAL_PRESET_DIR / f"{path.stem}.yaml"
-    if shipped.is_file():
-        return shipped
-    raise ConfigError(
-        f"config file {str(name_or_path)!r} not found; shipped {kind} presets: {eval_presets(kind)}"
-    )
+    return preset_path(name_or_path, EVAL_PRESET_DIR, kind)
 
 
 def load_eval_config(kind: str, path: str | Path, overrides: list[str] | None = None) -> Any:
