@@ -84,3 +84,27 @@ def test_int_accepted_for_float_and_round_trip():
     cfg = config_from_dict({"optim": {"lr": 1}})
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_loads_without_torch_and_knows_every_augment_mode():
+    """wcl.config stays torch-free (``wcl --help`` is instant), so it writes the augment
+    modes out: they must be the data code's."""
+    import subprocess
+    import sys
+
+    code = "import sys, wcl.config; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
+    from wcl.config import CHOICES
+    from wcl.data.views import AUGMENT_MODES
+
+    assert CHOICES["data.augment"] == AUGMENT_MODES
+
+
+def test_package_exports_resolve_lazily():
+    import wcl
+
+    assert sorted(wcl.__all__) == sorted(wcl._HOMES)
+    assert all(callable(getattr(wcl, name)) for name in wcl.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        wcl.nope  # noqa: B018
