@@ -14,7 +14,9 @@ writes them to $OUT/gpu.jsonl (or runs/bench/gpu.jsonl):
 5. epoch time of CIFAR-size WCL ResNet-18 (small stem, 32 px, batch 512) with the 50,000
    images held on the GPU as uint8 and augmented there with ``BatchAugment``;
 6. ``data.augment=hybrid`` at 224 px: the device's share (flip, jitter, greyscale, blur,
-   normalisation of two views of 128 crops) against the WCL step on the same batch.
+   normalisation of two views of 128 crops) against the WCL step on the same batch;
+7. the whole step, ours against the release's way (bench/train_step.py's: weak labels
+   through the host and SciPy, a dense mask), at batch 128.
 ``--quick`` runs only 1 and 2 at batch 128. ``--dry-run`` runs every part on the CPU with
 a tiny network, batch and image size, to catch mistakes before spending device time
 (tests/test_bench_gpu.py runs it).
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from train_step import release_forward
 
 from wcl.backbones import build_backbone
 from wcl.data import batch_strong_pipeline, two_view_seeds
@@ -51,10 +54,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def wcl_step_fn(s: dict, batch: int, compile_backbone: bool = False):
+def wcl_step_fn(s: dict, batch: int, compile_backbone: bool = False, release: bool = False):
+    """One WCL training step; ``release``: the release's way (labels through the host and
+    SciPy, a dense mask, ``release`` gather), as bench/train_step.py defines it."""
     device = torch.device(s["device"])
     backbone = build_backbone(s["arch"])
-    model = WCL(backbone, s["dim"], s["hidden"], 256).to(device, memory_format=torch.channels_last)
+    model = WCL(backbone, s["dim"], s["hidden"], 256, gather_mode="release" if release else "exact")
+    model = model.to(device, memory_format=torch.channels_last)
     if compile_backbone:
         model.backbone = torch.compile(model.backbone)
     optimizer = LARS(param_groups(model, 1e-6), lr=0.1)
@@ -64,7 +70,7 @@ def wcl_step_fn(s: dict, batch: int, compile_backbone: bool = False):
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(x1, x2)["loss"]
+            loss = release_forward(model, x1, x2) if release else model(x1, x2)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -142,6 +148,15 @@ def throughput(s: dict, batch: int, compile_backbone: bool) -> None:
            wcl_peak_gib=wcl_peak)  # fmt: skip
 
 
+def ours_vs_release(s: dict, batch: int) -> None:
+    """Whole step, ours against the release's way, on the device (where the release's host
+    round trip for the labels stalls the GPU every step)."""
+    ours = seconds_per_call(wcl_step_fn(s, batch), s)
+    release = seconds_per_call(wcl_step_fn(s, batch, release=True), s)
+    report(check="wcl_step_ours_vs_release", batch=batch, ours_s=ours, release_s=release,
+           speedup=release / ours)  # fmt: skip
+
+
 def cifar_epoch(s: dict) -> None:
     device = torch.device(s["device"])
     count, batch = s["cifar_images"], s["cifar_batch"]
@@ -202,6 +217,7 @@ def main() -> None:
         throughput(s, batches[1], compile_backbone=False)
         if not args.dry_run:  # compiling on the CPU takes minutes and tells nothing here
             throughput(s, batches[0], compile_backbone=True)
+        ours_vs_release(s, batches[0])
         cifar_epoch(s)
         hybrid_device_share(s, batches[0])
     out = Path(os.environ.get("OUT", "runs/bench"))

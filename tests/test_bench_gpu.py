@@ -19,12 +19,13 @@ def test_gpu_script_dry_run_reports_every_check(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
     checks = [r.get("check") for r in records]
     assert checks == [None, "host_syncs_in_wcl_step", "wcl_vs_supervised_r50_224",
-                      "wcl_vs_supervised_r50_224", "cifar_resnet18_epoch_data_on_gpu",
-                      "hybrid_device_share_224"]  # fmt: skip
+                      "wcl_vs_supervised_r50_224", "wcl_step_ours_vs_release",
+                      "cifar_resnet18_epoch_data_on_gpu", "hybrid_device_share_224"]  # fmt: skip
     for record in records[2:4]:
         assert record["wcl_images_per_s"] > 0 and record["supervised_images_per_s"] > 0
         # Step-time ratios agree with the images/s they come from.
         ratio = record["supervised_images_per_s"] / record["wcl_images_per_s"]
         assert math.isclose(record["cost_ratio"], ratio, rel_tol=1e-9)
         assert record["cost_ratio_same_crops"] > 0
-    assert records[4]["epoch_s"] > 0 and records[5]["augment_over_step"] > 0
+    assert records[4]["speedup"] > 0
+    assert records[5]["epoch_s"] > 0 and records[6]["augment_over_step"] > 0
