@@ -54,6 +54,7 @@ bench: setup data
 	$(BIN)/python bench/weak_labels.py
 	$(BIN)/python bench/graph_loss.py
 	$(BIN)/python bench/blur.py
+	$(BIN)/python bench/batch_params.py
 	$(BIN)/python bench/augment_pipeline.py
 	$(BIN)/python bench/train_step.py
 	@if [ -f runs/demo/wcl/last.pt ]; then $(BIN)/python bench/eval_cost.py runs/demo/wcl/last.pt; \

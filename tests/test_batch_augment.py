@@ -32,6 +32,7 @@ from wcl.data.batch_augment import (
     CONTRAST,
     HUE,
     SATURATION,
+    _uniforms,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
@@ -347,6 +348,36 @@ def test_two_view_seeds() -> None:
     assert again1[0] == view1[1] and again2[0] == view2[1]
     other1, _ = two_view_seeds(3, 2, [4])
     assert other1[0] != view1[0]  # a new epoch, new augmentations
+    # No two (seed, epoch, index, view) of a grid share a seed.
+    grid = [torch.cat(two_view_seeds(s, e, range(1000))) for s in (0, 1, -1) for e in range(4)]
+    assert len(set(torch.cat(grid).tolist())) == 3 * 4 * 2 * 1000
+
+
+def splitmix64_outputs(seed: int, count: int) -> list[int]:
+    """SplitMix64 written out with Python integers (Steele, Lea & Flood 2014)."""
+    mask, state, out = 2**64 - 1, seed % 2**64, []
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def test_uniforms_are_splitmix64_per_seed() -> None:
+    """Each row is the seed's own SplitMix64 stream (53 high bits over 2**53), whatever
+    else is in the batch; and the values look uniform."""
+    seeds = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 123456789])
+    u = _uniforms(seeds, 35)
+    for row, seed in enumerate(seeds.tolist()):
+        expected = [(z >> 11) / 2**53 for z in splitmix64_outputs(seed, 35)]
+        assert u[row].tolist() == expected
+    many = _uniforms(two_view_seeds(0, 0, range(4000))[0], 35)
+    assert many.min() >= 0 and many.max() < 1
+    assert abs(many.mean().item() - 0.5) < 0.005
+    # 595 column pairs, each correlation ~ N(0, 1/4000): all within 5 standard deviations.
+    assert torch.corrcoef(many.T).fill_diagonal_(0).abs().max() < 5 / math.sqrt(4000)
 
 
 # ------------------------------------------------------------------ distributions
