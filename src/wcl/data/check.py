@@ -20,9 +20,8 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from wcl.data.datasets import _split_dir
 from wcl.data.decode import UNREADABLE, BrokenImageError, read_image
-from wcl.data.folder import ImageFolderDataset, _is_image_file, _walk_files
+from wcl.data.folder import ImageFolderDataset, is_image_file, split_dir, walk_files
 
 __all__ = ["BrokenFile", "DataReport", "SizeStats", "check_data"]
 
@@ -290,8 +289,8 @@ def check_data(
     start = time.perf_counter()
     dataset = ImageFolderDataset(root, channels)
     report = DataReport(root=str(dataset.root), channels=channels, files=len(dataset))
-    report.ignored_files = sum(1 for p in _walk_files(dataset.root) if not _is_image_file(p.name))
-    report.split_layout = _split_dir(dataset.root, True) != dataset.root
+    report.ignored_files = sum(1 for p in walk_files(dataset.root) if not is_image_file(p.name))
+    report.split_layout = split_dir(dataset.root, True) != dataset.root
     class_of = {path: target for path, target in dataset.samples}
     files_per_class = Counter(class_of.values())
     report.classes = {name: files_per_class[k] for k, name in enumerate(dataset.classes)}

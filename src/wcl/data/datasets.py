@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from wcl.data.folder import ImageFolderDataset
+from wcl.data.folder import ImageFolderDataset, split_dir
 
 __all__ = [
     "DATASET_NAMES",
@@ -247,14 +247,6 @@ def load_torchvision_dataset(
     return TensorImageDataset(images.contiguous(), targets, list(ds.classes))
 
 
-def _split_dir(root: Path, train: bool) -> Path:
-    """Pick ``root/train`` vs ``root/val`` (or ``root/test``) when ``root`` has that layout."""
-    evaluation = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if (root / "train").is_dir() and evaluation is not None:
-        return root / "train" if train else evaluation
-    return root
-
-
 def _need_root(name: str, root: str | None) -> str:
     if root is None:
         raise ValueError(f"dataset {name!r} needs a root directory (data.root)")
@@ -275,7 +267,7 @@ _BUILDERS: dict[str, Callable[[str | None, bool, bool, int], Dataset]] = {
         "stl10", _need_root("stl10", root), train, download
     ),
     "folder": lambda root, train, download, channels: ImageFolderDataset(
-        _split_dir(Path(_need_root("folder", root)), train), channels
+        split_dir(Path(_need_root("folder", root)), train), channels
     ),
 }
 

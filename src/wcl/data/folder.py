@@ -25,8 +25,11 @@ __all__ = [
     "ImageFolderDataset",
     "NoReadableImageError",
     "first_readable",
+    "is_image_file",
     "read_skip_log",
+    "split_dir",
     "unwrap_image_folder",
+    "walk_files",
 ]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -38,11 +41,12 @@ class NoReadableImageError(RuntimeError):
     """No file of an image folder could be decoded (or none of those tried)."""
 
 
-def _is_image_file(name: str) -> bool:
+def is_image_file(name: str) -> bool:
+    """Whether a file name is a non-hidden image by its extension (IMAGE_EXTENSIONS)."""
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk_files(directory: Path) -> Iterator[Path]:
+def walk_files(directory: Path) -> Iterator[Path]:
     """Every non-hidden file under ``directory`` (recursive, hidden folders pruned), unsorted."""
     for dirpath, dirnames, filenames in os.walk(directory):
         # Pruning in place stops os.walk from descending into hidden folders (.git, .cache...).
@@ -52,7 +56,7 @@ def _walk_files(directory: Path) -> Iterator[Path]:
 
 def _scan_images(directory: Path) -> list[Path]:
     """All image files under ``directory`` (recursive, hidden entries skipped), sorted by path."""
-    found = [p for p in _walk_files(directory) if _is_image_file(p.name)]
+    found = [p for p in walk_files(directory) if is_image_file(p.name)]
     # Sorting on relative POSIX parts keeps the order independent of the OS and of os.walk.
     return sorted(found, key=lambda p: p.relative_to(directory).parts)
 
@@ -278,3 +282,11 @@ def first_readable(
         f"{folder.samples[indices[0]][0]}). Run `wcl check-data {folder.root}` for a report "
         "of every file."
     )
+
+
+def split_dir(root: Path, train: bool) -> Path:
+    """Pick ``root/train`` vs ``root/val`` (or ``root/test``) when ``root`` has that layout."""
+    evaluation = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and evaluation is not None:
+        return root / "train" if train else evaluation
+    return root
