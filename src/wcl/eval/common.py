@@ -184,7 +184,7 @@ def sharded_features(
         cfg.data.workers,
         cfg.run.progress and dist.is_main(),
         amp=setup.amp,
-        channels_last=setup.device.type == "cuda",
+        channels_last=True,  # faster on GPUs and, with oneDNN, on CPUs
         desc=desc,
     )
     return gather_shards(feats, n, setup.device), gather_shards(targets, n, setup.device)

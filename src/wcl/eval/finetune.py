@@ -164,8 +164,8 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
     )
     torch.manual_seed(run.seed)  # the same initial head on every process
     fc = linear_classifier(setup.backbone.spec.feature_dim, splits.num_classes, s.init_std)
-    # channels_last: the faster convolution layout on GPUs (tensor cores).
-    layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    # channels_last: the faster convolution layout on GPUs and, with oneDNN, on CPUs.
+    layout = torch.channels_last
     model = Classifier(setup.backbone.module, fc)
     model = dist.sync_batchnorm(model, device).to(device, memory_format=layout)
     net = wrap_ddp(model)
