@@ -38,6 +38,7 @@ from wcl.model import WCL
 from wcl.optim import LARS, param_groups
 
 RESULTS: list[dict] = []
+OUT_FILE = Path(os.environ.get("OUT", "runs/bench")) / "gpu.jsonl"
 FULL = {"device": "cuda", "arch": "resnet50", "size": 224, "dim": 2048, "hidden": 4096,
         "cifar_images": 50_000, "cifar_batch": 512, "steps": 20, "warmup": 5}  # fmt: skip
 DRY = {"device": "cpu", "arch": "resnet10", "size": 32, "dim": 512, "hidden": 64,
@@ -45,8 +46,22 @@ DRY = {"device": "cpu", "arch": "resnet10", "size": 32, "dim": 512, "hidden": 64
 
 
 def report(**record) -> None:
+    """Print and append one record to gpu.jsonl at once, so a run stopped by its time
+    limit still leaves every figure it reached."""
     RESULTS.append(record)
     print(json.dumps(record), flush=True)
+    with OUT_FILE.open("a") as out:
+        out.write(json.dumps(record) + "\n")
+
+
+def attempt(check, *args, **kwargs) -> None:
+    """Run one check; a failure is recorded and the run goes on to the next check."""
+    try:
+        check(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - one broken check must not cost the others
+        report(check=check.__name__, error=f"{type(err).__name__}: {err}"[:500])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def synchronize(device: torch.device) -> None:
@@ -210,19 +225,19 @@ def main() -> None:
     s = DRY if args.dry_run else FULL
     batches = (4, 8) if args.dry_run else (128, 256)
     name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    OUT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    OUT_FILE.write_text("")
     report(device=name, torch=torch.__version__)
-    check_syncs(s, batches[0])
-    throughput(s, batches[0], compile_backbone=False)
+    attempt(check_syncs, s, batches[0])
+    attempt(throughput, s, batches[0], compile_backbone=False)
     if not args.quick:
-        throughput(s, batches[1], compile_backbone=False)
+        attempt(throughput, s, batches[1], compile_backbone=False)
+        attempt(ours_vs_release, s, batches[0])
+        attempt(cifar_epoch, s)
+        attempt(hybrid_device_share, s, batches[0])
         if not args.dry_run:  # compiling on the CPU takes minutes and tells nothing here
-            throughput(s, batches[0], compile_backbone=True)
-        ours_vs_release(s, batches[0])
-        cifar_epoch(s)
-        hybrid_device_share(s, batches[0])
-    out = Path(os.environ.get("OUT", "runs/bench"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RESULTS))
+            # Last: compilation is the slowest and likeliest part to fail on a new machine.
+            attempt(throughput, s, batches[0], compile_backbone=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ def test_gpu_script_dry_run_reports_every_check(tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert not [r for r in records if "error" in r]
     checks = [r.get("check") for r in records]
     assert checks == [None, "host_syncs_in_wcl_step", "wcl_vs_supervised_r50_224",
                       "wcl_vs_supervised_r50_224", "wcl_step_ours_vs_release",
@@ -29,3 +30,25 @@ def test_gpu_script_dry_run_reports_every_check(tmp_path):
         assert record["cost_ratio_same_crops"] > 0
     assert records[4]["speedup"] > 0
     assert records[5]["epoch_s"] > 0 and records[6]["augment_over_step"] > 0
+
+
+def test_a_failing_check_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """On the device every second counts: one broken check writes its error to gpu.jsonl
+    and the next check still runs."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import importlib
+
+    gpu = importlib.import_module("gpu")
+    monkeypatch.setattr(gpu, "OUT_FILE", tmp_path / "gpu.jsonl")
+
+    def broken_check(size):
+        raise RuntimeError(f"no kernel for size {size}")
+
+    gpu.attempt(broken_check, 7)
+    gpu.report(check="next", value=1)
+    lines = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"check": "broken_check", "error": "RuntimeError: no kernel for size 7"},
+        {"check": "next", "value": 1},
+    ]
