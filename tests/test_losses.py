@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wcl import losses
 from wcl.graph import weak_labels
 from wcl.losses import instance_loss, supervised_contrastive_loss, weak_label_loss
 
@@ -132,3 +133,28 @@ def test_tight_clusters_reach_the_analytic_minimum():
     assert (weak_labels(p) // 16 == torch.arange(64) // 16).all()
     expected = math.log(15 + 48 * math.exp(-10))
     assert weak_label_loss(p, p).item() == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("block", [1, 5, 1 << 24])
+def test_log_denominators_in_row_blocks_match_plain_autograd(monkeypatch, block):
+    """The memory-light log-sum-exp (row blocks, logits recomputed in backward) against
+    logsumexp over the full masked logits with ordinary autograd: values and gradients
+    for both inputs, local anchors against global candidates; and gradcheck."""
+    monkeypatch.setattr(losses, "LOGIT_BLOCK_ELEMENTS", block * 12)  # `block` rows of 12
+    anchors = unit_rows(5, 3, 11).requires_grad_()
+    candidates = unit_rows(12, 3, 12).requires_grad_()
+    self_col = torch.tensor([4, 5, 6, 7, 8])  # the anchors sit at rows 4..8 of the batch
+    grad_out = torch.linspace(-1.0, 2.0, 5, dtype=torch.float64)
+
+    got = losses._log_denominators(anchors, candidates, self_col, 0.3)
+    got_grads = torch.autograd.grad(got, (anchors, candidates), grad_out)
+    logits = anchors @ candidates.T / 0.3
+    logits = logits.masked_fill(F.one_hot(self_col, 12).bool(), float("-inf"))
+    want = torch.logsumexp(logits, dim=1)
+    want_grads = torch.autograd.grad(want, (anchors, candidates), grad_out)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a, c: losses._log_denominators(a, c, self_col, 0.3), (anchors, candidates)
+    )

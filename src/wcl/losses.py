@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from wcl.graph import weak_labels
 
@@ -31,19 +30,67 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _logits_without_self(
-    anchors: torch.Tensor, candidates: torch.Tensor, self_col: torch.Tensor, temperature: float
+# At most this many logits (64 MiB in float32) exist at once in the log-sum-exp below.
+LOGIT_BLOCK_ELEMENTS = 1 << 24
+
+
+def _logits_block(
+    scaled: torch.Tensor, candidates: torch.Tensor, self_col: torch.Tensor, start: int
 ) -> torch.Tensor:
-    """anchors (a, d) @ candidates (c, d).T / temperature: (a, c), with entry
-    (i, self_col[i]) (an anchor's own column) set to -inf."""
-    # Scaling the a x d anchors rather than the a x c product, and filling the product in
-    # place (matmul keeps its inputs, not its output, for backward), leaves one a x c buffer
-    # where the plain formula makes three.
-    logits = (anchors / temperature) @ candidates.T
+    """Rows [start, start + len(scaled)) of scaled anchors @ candidates.T, with each row's
+    own column (``self_col``) at -inf."""
+    logits = scaled @ candidates.T
     # A fill kernel, not torch.tensor(...): a host-to-device copy would synchronise on CUDA.
     minus_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
-    rows = torch.arange(anchors.shape[0], device=anchors.device)
-    return logits.index_put_((rows, self_col), minus_inf)
+    rows = torch.arange(len(scaled), device=scaled.device)
+    return logits.index_put_((rows, self_col[start : start + len(scaled)]), minus_inf)
+
+
+class _LogSumExpWithoutSelf(torch.autograd.Function):
+    """log sum_{j != self_i} exp(a_i . c_j / t) for every anchor row i: (a,).
+
+    Neither pass keeps the a x c logits: forward takes them a row block at a time, and
+    backward recomputes each block and turns it into softmax weights in place. Memory is
+    one block (at most LOGIT_BLOCK_ELEMENTS) instead of the whole matrix kept by plain
+    autograd for backward, for one more matrix product.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, candidates, self_col, temperature):
+        scaled = anchors / temperature
+        rows = max(1, LOGIT_BLOCK_ELEMENTS // max(1, candidates.shape[0]))
+        starts = range(0, len(scaled), rows)
+        parts = [
+            torch.logsumexp(_logits_block(scaled[i : i + rows], candidates, self_col, i), 1)
+            for i in starts
+        ]
+        lse = parts[0] if len(parts) == 1 else torch.cat(parts)
+        ctx.save_for_backward(scaled, candidates, self_col, lse)
+        ctx.temperature, ctx.rows = temperature, rows
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        scaled, candidates, self_col, lse = ctx.saved_tensors
+        grad_scaled, grad_candidates = [], None
+        for i in range(0, len(scaled), ctx.rows):
+            block = slice(i, i + ctx.rows)
+            # d lse_i / d logit_ij = softmax_ij: weights for both matrix products.
+            weights = _logits_block(scaled[block], candidates, self_col, i)
+            weights.sub_(lse[block, None]).exp_().mul_(grad_lse[block, None])
+            grad_scaled.append(weights @ candidates)
+            part = weights.T @ scaled[block]
+            grad_candidates = part if grad_candidates is None else grad_candidates.add_(part)
+        grad_scaled = grad_scaled[0] if len(grad_scaled) == 1 else torch.cat(grad_scaled)
+        return grad_scaled / ctx.temperature, grad_candidates, None, None
+
+
+def _log_denominators(
+    anchors: torch.Tensor, candidates: torch.Tensor, self_col: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """log sum_{j != self_col[i]} exp(anchors_i . candidates_j / temperature): (a,), with
+    gradients, in O(block) extra memory (see _LogSumExpWithoutSelf)."""
+    return _LogSumExpWithoutSelf.apply(anchors, candidates, self_col, temperature)
 
 
 def instance_loss(
@@ -71,8 +118,11 @@ def instance_loss(
         self_col = torch.cat([local, local + n])
         positive_col = torch.cat([local + n, local])
         anchors, candidates = torch.cat([z1, z2]), torch.cat([z1_all, z2_all])
-        logits = _logits_without_self(anchors, candidates, self_col, temperature)  # (2b, 2N)
-        return F.cross_entropy(logits, positive_col)
+        # -log softmax at the positive: log-denominator minus the positive's logit.
+        positive_logit = (anchors * candidates[positive_col]).sum(dim=1) / temperature
+        return (
+            _log_denominators(anchors, candidates, self_col, temperature) - positive_logit
+        ).mean()
 
 
 def supervised_contrastive_loss(
@@ -96,9 +146,7 @@ def supervised_contrastive_loss(
     with _no_autocast(anchors.device):
         anchors, candidates = _float32(anchors, candidates)
         own = torch.arange(b, device=anchors.device) + offset
-        logits = _logits_without_self(anchors, candidates, own, temperature)  # (b, N)
-        log_denominator = torch.logsumexp(logits, dim=1)
-        del logits  # logsumexp keeps what its backward needs
+        log_denominator = _log_denominators(anchors, candidates, own, temperature)  # (b,)
 
         label_sum = torch.zeros_like(candidates).index_add(0, labels, candidates)
         ones = torch.ones(n, dtype=candidates.dtype, device=labels.device)
