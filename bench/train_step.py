@@ -2,7 +2,7 @@
 
 Release-style: float32, weak labels on the host (``topk`` -> copy to host -> SciPy
 ``connected_components``), a dense N x N float positive mask for the supervised contrastive
-loss, and the ``release`` gather mode. Ours: ``wcl.WCL`` as shipped (labels on the device,
+loss, NT-Xent as plain cross-entropy over the full logits, and the ``release`` gather mode. Ours: ``wcl.WCL`` as shipped (labels on the device,
 the loss from a label vector). Same backbone, heads, data and optimiser (LARS).
 
 ``python bench/train_step.py`` runs each (model, path) pair in its own process, so that the
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from wcl import losses
 from wcl.backbones import build_backbone
 from wcl.model import WCL
 from wcl.optim import LARS, param_groups
@@ -64,10 +64,21 @@ def mask_supcon(anchors: torch.Tensor, labels: torch.Tensor, t: float) -> torch.
     return (-(mask * log_prob).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
+def plain_instance_loss(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
+    """NT-Xent as the release computes it: the full 2N x 2N logits, self masked, then
+    cross-entropy (which keeps the whole log-softmax for backward)."""
+    z = torch.cat([z1, z2]).float()
+    n = len(z1)
+    logits = z @ z.T / t
+    logits = logits - 1e9 * torch.eye(2 * n, device=z.device)
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, targets)
+
+
 def release_forward(model: WCL, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     z1, p1 = model.embed(x1)
     z2, p2 = model.embed(x2)
-    inst = losses.instance_loss(z1, z2, model.temperature)
+    inst = plain_instance_loss(z1, z2, model.temperature)
     labels1, labels2 = host_weak_labels(p1), host_weak_labels(p2)
     graph = (
         mask_supcon(p1, labels2, model.temperature) + mask_supcon(p2, labels1, model.temperature)
