@@ -12,10 +12,10 @@ step time or the device waits. Writes runs/bench/batch_params.json.
 import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from benchkit import save_results
 
 import wcl.data.batch_augment as module
 from wcl.data import batch_strong_pipeline, sample_seed, two_view_seeds
@@ -79,9 +79,7 @@ def main() -> None:
         print(
             f"| {r['batch']} | {r['baseline_ms']:.2f} ms | {r['ours_ms']:.2f} ms | {r['ratio']:.1f}x |"
         )
-    out = Path("runs/bench")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "batch_params.json").write_text(json.dumps(rows, indent=2))
+    save_results("batch_params.json", rows)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from benchkit import save_results
 from torchvision.transforms.v2 import functional as TF
 
 from wcl.data import blur_kernel_size
@@ -70,9 +70,7 @@ def main() -> None:
             f"{r['depthwise']:.3f} ms | {r['matrix']:.3f} ms | "
             f"{r['torchvision'] / r['depthwise']:.1f}x | {r['torchvision'] / r['matrix']:.1f}x |"
         )
-    out = Path("runs/bench")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "blur.json").write_text(json.dumps(rows, indent=2))
+    save_results("blur.json", rows)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from benchkit import run_fresh, save_results  # noqa: E402
 from train_step import host_weak_labels, mask_supcon  # noqa: E402
 
 from wcl.losses import weak_label_loss  # noqa: E402
@@ -70,10 +70,8 @@ def main() -> None:
     for n in args.sizes:
         found = {}
         for path in ("release", "ours"):
-            out = subprocess.run([sys.executable, __file__, "--dim", str(args.dim), "--repeats",
-                                  str(args.repeats), "--one", str(n), path],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
-            found[path] = json.loads(out.stdout.strip().splitlines()[-1])
+            found[path] = run_fresh(__file__, "--dim", str(args.dim), "--repeats",
+                                    str(args.repeats), "--one", str(n), path)  # fmt: skip
         row = {"n": n, "release": found["release"], "ours": found["ours"],
                "time_ratio": found["release"]["step_s"] / found["ours"]["step_s"],
                "memory_ratio": found["release"]["extra_mib"] / found["ours"]["extra_mib"]}  # fmt: skip
@@ -88,9 +86,7 @@ def main() -> None:
             f"{r['time_ratio']:.2f}x | {rel['extra_mib']:.0f} MiB | {ours['extra_mib']:.0f} MiB "
             f"| {r['memory_ratio']:.1f}x |"
         )
-    out_dir = Path("runs/bench")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "graph_loss.json").write_text(json.dumps(rows, indent=2))
+    save_results("graph_loss.json", rows)
 
 
 if __name__ == "__main__":

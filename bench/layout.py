@@ -11,9 +11,9 @@ the layout for pre-training. Writes runs/bench/layout.json.
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from benchkit import save_results
 
 from wcl.backbones import build_backbone
 from wcl.model import WCL
@@ -57,9 +57,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['net']} | {r['contiguous'] * 1e3:.0f} ms | "
               f"{r['channels_last'] * 1e3:.0f} ms | {r['ratio']:.2f}x |")  # fmt: skip
-    out = Path("runs/bench")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "layout.json").write_text(json.dumps(rows, indent=2))
+    save_results("layout.json", rows)
 
 
 if __name__ == "__main__":

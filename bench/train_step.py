@@ -16,14 +16,12 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchkit import run_fresh, save_results
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -125,10 +123,9 @@ def main() -> None:
         # falls on both alike; keep the median round of each.
         for _ in range(args.rounds):
             for path in ("release", "ours"):
-                out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
-                                      "--one", model_name, path], capture_output=True,
-                                     text=True, check=True)  # fmt: skip
-                runs[path].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs[path].append(
+                    run_fresh(__file__, "--steps", str(args.steps), "--one", model_name, path)
+                )
         pair = {
             path: sorted(found, key=lambda r: r["step_s"])[len(found) // 2]
             for path, found in runs.items()
@@ -147,9 +144,7 @@ def main() -> None:
             f"{r['time_ratio']:.2f}x | {rel['peak_rss_mib']:.0f} MiB | "
             f"{ours['peak_rss_mib']:.0f} MiB | {r['memory_ratio']:.2f}x |"
         )
-    out_dir = Path("runs/bench")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_step.json").write_text(json.dumps(rows, indent=2))
+    save_results("train_step.json", rows)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchkit import save_results
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -94,11 +94,7 @@ def main() -> None:
             f"| {r['label_ratio']:.1f}x | {r['release_full_s'] * 1e3:.1f} ms "
             f"| {r['ours_full_s'] * 1e3:.1f} ms | {r['full_ratio']:.2f}x |"
         )
-    out = Path("runs/bench")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "weak_labels.json").write_text(
-        json.dumps({"device": str(device), "rows": rows}, indent=2)
-    )
+    save_results("weak_labels.json", {"device": str(device), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"the training set has {len(sampler.dataset)} images, fewer than one global batch "
+            f"the training set has {len(views.dataset)} images, fewer than one global batch "
             f"'train.batch_size' = {cfg.train.batch_size}"
         )
 
