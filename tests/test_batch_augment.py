@@ -16,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 from wcl.data import (
     DATASET_STATS,
     BatchAugment,
+    batch_ops,
     batch_strong_pipeline,
     batch_weak_pipeline,
     blur_kernel_size,
@@ -26,7 +27,7 @@ from wcl.data import (
     two_view_seeds,
     weak_pipeline,
 )
-from wcl.data.augment import GaussianBlur, matrix_gaussian_blur
+from wcl.data.augment import GaussianBlur
 from wcl.data.batch_augment import (
     BRIGHTNESS,
     CONTRAST,
@@ -39,11 +40,11 @@ from wcl.data.batch_augment import (
     adjust_saturation,
     colour_jitter,
     crop_params,
-    gaussian_blur,
     hflip,
     random_grayscale,
     resized_crop,
 )
+from wcl.data.batch_ops import depthwise_gaussian_blur, shifted_gaussian_blur
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FASHION_IDX = FIXTURES / "fashion-idx"
@@ -200,7 +201,22 @@ def test_grayscale_matches_torchvision() -> None:
     torch.testing.assert_close(random_grayscale(images, flags), ref, atol=TIGHT, rtol=0)
 
 
-BLURS = [gaussian_blur, matrix_gaussian_blur]  # BatchAugment's, the per-image transform's
+BLURS = [shifted_gaussian_blur, depthwise_gaussian_blur]  # the CPU one, the device one
+
+
+def truncation_bound(blur, sigma: torch.Tensor, k: int) -> float:
+    """How far the shifted blur may be from the full k-tap one on images in [0, 1]: the
+    Gaussian weight beyond ceil(4 sigma) taps that it skips (written out here), per pass;
+    two passes give (1 - (1 - d)^2) = 2d - d^2 at most. 0 for the full depthwise blur."""
+    if blur is depthwise_gaussian_blur:
+        return 0.0
+    worst = 0.0
+    for s in sigma.double().tolist():
+        taps = [t - k // 2 for t in range(k)]
+        weights = [math.exp(-0.5 * (t / s) ** 2) for t in taps]
+        dropped = sum(w for t, w in zip(taps, weights, strict=True) if abs(t) > math.ceil(4 * s))
+        worst = max(worst, dropped / sum(weights))
+    return 2 * worst + worst**2
 
 
 @pytest.mark.parametrize("blur", BLURS)
@@ -217,7 +233,36 @@ def test_blur_matches_torchvision(blur, channels: int, size: int, k: int | None)
         [TF.gaussian_blur(x, [k, k], [float(s)]) for x, s in zip(images, sigma, strict=True)]
     )
     # k products summed in another order: float32 rounding grows with the kernel a little.
-    torch.testing.assert_close(blur(images, sigma, k), ref, atol=2 * TIGHT, rtol=0)
+    atol = 2 * TIGHT + truncation_bound(blur, sigma, k)
+    assert atol < 1e-4  # far below one uint8 step (3.9e-3)
+    torch.testing.assert_close(blur(images, sigma, k), ref, atol=atol, rtol=0)
+
+
+def test_shifted_blur_skips_only_the_far_tail() -> None:
+    """The truncation is real (the 224 px case differs from the full blur by more than
+    rounding) and bounded: the bound above is not loose by orders of magnitude."""
+    images = rand_images(4, 3, 64, 64)
+    sigma = torch.tensor([2.0, 2.0, 2.0, 2.0])
+    full = depthwise_gaussian_blur(images, sigma, 23)
+    diff = (shifted_gaussian_blur(images, sigma, 23) - full).abs().max().item()
+    bound = truncation_bound(shifted_gaussian_blur, sigma, 23)
+    assert 10 * TIGHT < diff <= bound + 2 * TIGHT and bound < 100 * diff
+
+
+def test_shifted_blur_chunks_by_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Samples are blurred a few at a time, each chunk with as many taps as its widest
+    Gaussian needs: one sample per chunk against the whole batch in one."""
+    images = rand_images(9, 3, 40, 40)
+    sigma = torch.linspace(0.1, 2.0, 9)
+    ref = depthwise_gaussian_blur(images, sigma, 23)
+    whole = shifted_gaussian_blur(images, sigma, 23)
+    monkeypatch.setattr(batch_ops, "_BLUR_CHUNK_ELEMENTS", images[0].numel())
+    one_by_one = shifted_gaussian_blur(images, sigma, 23)
+    atol = 2 * TIGHT + truncation_bound(shifted_gaussian_blur, sigma, 23)
+    torch.testing.assert_close(whole, ref, atol=atol, rtol=0)
+    torch.testing.assert_close(one_by_one, ref, atol=atol, rtol=0)
+    # Alone, sigma 1.05 (row 4) takes 5 taps each side, not the batch's 8.
+    assert not torch.equal(whole[4], one_by_one[4])
 
 
 @pytest.mark.parametrize("blur", BLURS)

@@ -34,7 +34,7 @@ from wcl.data import (
     strong_pipeline,
     weak_pipeline,
 )
-from wcl.data.augment import GaussianBlur
+from wcl.data.augment import ColourJitter, GaussianBlur
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FASHION_PNG = FIXTURES / "fashion"
@@ -412,14 +412,75 @@ def test_eval_pipeline_is_deterministic_resize_and_centre_crop() -> None:
     assert torch.equal(pipe(img), pipe(img)) and pipe(img).shape == (3, 64, 64)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize(
+    "strengths", [(0.4, 0.4, 0.4, 0.1), (0.8, 0.8, 0.8, 0.2), (1.5, 0, 0, 0.5)]
+)
+def test_colour_jitter_draws_and_acts_like_torchvision(
+    channels: int, strengths: tuple[float, float, float, float]
+) -> None:
+    """wcl's ColourJitter against v2.ColorJitter on float images under the same global
+    seed: the same order and factors drawn, the same pixels (up to float rounding)."""
+    images = torch.rand(12, channels, 20, 24)
+    for seed, image in enumerate(images):
+        torch.manual_seed(seed)
+        ours = ColourJitter(*strengths)(image)
+        after_ours = torch.rand(1)
+        torch.manual_seed(seed)
+        ref = v2.ColorJitter(*(s if s > 0 else None for s in strengths))(image)
+        assert torch.equal(torch.rand(1), after_ours)  # same number of draws
+        torch.testing.assert_close(ours, ref, atol=2e-5, rtol=0)
+
+
+def test_colour_jitter_rejects_bad_input() -> None:
+    with pytest.raises(TypeError, match="float"):
+        ColourJitter(0.4)(torch.zeros(3, 4, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="brightness"):
+        ColourJitter(-0.1)
+    with pytest.raises(ValueError, match="hue"):
+        ColourJitter(0.4, 0.4, 0.4, 0.6)
+
+
+def _torchvision_reference(kind: str, size: int, mean, std) -> v2.Compose:
+    """The training pipeline written with torchvision's own ColorJitter and GaussianBlur."""
+    b, c, s, h = (0.4, 0.4, 0.4, 0.1) if kind == "weak" else (0.8, 0.8, 0.8, 0.2)
+    crop = v2.RandomResizedCrop(size, scale=(0.2 if kind == "weak" else 0.08, 1.0))
+    colour = [
+        v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), (0.1, 2.0))], p=0.5),
+    ]
+    to_float = v2.ToDtype(torch.float32, scale=True)
+    flip = v2.RandomHorizontalFlip()
+    ops = [crop, to_float, *colour, flip] if kind == "weak" else [crop, flip, to_float, *colour]
+    return v2.Compose([*ops, v2.Normalize(list(mean), list(std))])
+
+
+@pytest.mark.parametrize("kind", ["weak", "strong"])
+def test_training_pipelines_equal_torchvision_composition(kind: str) -> None:
+    """Our pipelines against the same recipe built from torchvision's transforms only,
+    under the same seeds: same draws, pixels within float rounding and the blur's skipped
+    far tail (taps beyond 4 sigma)."""
+    ours = BUILDERS[kind](32, IMNET_MEAN, IMNET_STD)
+    ref = _torchvision_reference(kind, 32, IMNET_MEAN, IMNET_STD)
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    for seed in range(30):
+        torch.manual_seed(seed)
+        a = ours(image)
+        torch.manual_seed(seed)
+        b = ref(image)
+        # 1e-4 of the [0, 1] range, divided by the smallest std after normalising.
+        torch.testing.assert_close(a, b, atol=1e-4 / min(IMNET_STD), rtol=0)
+
+
 def test_weak_and_strong_differ_in_crop_scale_and_jitter() -> None:
     weak = weak_pipeline(32, IMNET_MEAN, IMNET_STD)
     strong = strong_pipeline(32, IMNET_MEAN, IMNET_STD)
     (weak_crop,) = _find(weak, v2.RandomResizedCrop)
     (strong_crop,) = _find(strong, v2.RandomResizedCrop)
     assert tuple(weak_crop.scale) == (0.2, 1.0) and tuple(strong_crop.scale) == (0.08, 1.0)
-    (wj,) = _find(weak, v2.ColorJitter)
-    (sj,) = _find(strong, v2.ColorJitter)
+    (wj,) = _find(weak, ColourJitter)
+    (sj,) = _find(strong, ColourJitter)
     assert wj.brightness == pytest.approx((0.6, 1.4)) and wj.hue == pytest.approx((-0.1, 0.1))
     assert sj.saturation == pytest.approx((0.2, 1.8)) and sj.hue == pytest.approx((-0.2, 0.2))
     for pipe in (weak, strong):
@@ -432,7 +493,7 @@ def test_weak_and_strong_differ_in_crop_scale_and_jitter() -> None:
         assert len(_find(pipe, v2.RandomHorizontalFlip)) == 1
     # jitter scales the strengths; min_scale and blur_prob are tunable.
     tuned = weak_pipeline(28, FM_MEAN, FM_STD, min_scale=0.5, jitter=0.5, blur_prob=0.0)
-    (tj,) = _find(tuned, v2.ColorJitter)
+    (tj,) = _find(tuned, ColourJitter)
     assert tj.brightness == pytest.approx((0.8, 1.2)) and tj.contrast == pytest.approx((0.8, 1.2))
     assert tuple(_find(tuned, v2.RandomResizedCrop)[0].scale) == (0.5, 1.0)
     assert _find(tuned, GaussianBlur) == []
@@ -441,7 +502,7 @@ def test_weak_and_strong_differ_in_crop_scale_and_jitter() -> None:
 def test_greyscale_pipelines_drop_colour_only_ops() -> None:
     for builder in (weak_pipeline, strong_pipeline):
         pipe = builder(28, FM_MEAN, FM_STD)
-        (cj,) = _find(pipe, v2.ColorJitter)
+        (cj,) = _find(pipe, ColourJitter)
         assert cj.saturation is None and cj.hue is None and cj.brightness is not None
         assert _find(pipe, v2.RandomGrayscale) == []
     with pytest.raises(ValueError):

@@ -1,7 +1,9 @@
 """Augmentation pipelines (torchvision.transforms.v2) and a deterministic two-view wrapper.
 
 Pipelines take uint8 tensors ``(C, H, W)`` and return float32 ``(C, size, size)`` normalised
-with the given mean/std; ``C = len(mean)`` must be 1 or 3.
+with the given mean/std; ``C = len(mean)`` must be 1 or 3. The training pipelines crop the
+uint8 image (torch's fast uint8 resize) and do the colour ops and the blur in float, with no
+rounding between them, as :class:`~wcl.data.batch_augment.BatchAugment` does.
 """
 
 from __future__ import annotations
@@ -13,12 +15,20 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from wcl.data.batch_ops import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    gaussian_blur,
+)
+
 __all__ = [
+    "ColourJitter",
     "GaussianBlur",
     "WithIndex",
     "TwoViews",
     "blur_kernel_size",
-    "matrix_gaussian_blur",
     "eval_pipeline",
     "sample_seed",
     "strong_pipeline",
@@ -44,70 +54,79 @@ def _check_stats(mean: Sequence[float], std: Sequence[float]) -> int:
     return len(mean)
 
 
+class ColourJitter(torch.nn.Module):
+    """``v2.ColorJitter`` for one float image (C, H, W) in [0, 1]: the same draws from
+    torch's global generator (a random order of the four ops, then a factor for each one
+    that is on) and the same ops, by :mod:`wcl.data.batch_ops`' kernels. Its hue rotation
+    skips torchvision's full HSV round trip, about twice as fast (``bench/augment_pipeline.py``).
+
+    ``brightness``, ``contrast``, ``saturation``: factors ~ U(max(0, 1 - v), 1 + v);
+    ``hue``: shift ~ U(-v, v) turns, v <= 0.5; 0 turns an op off.
+    """
+
+    def __init__(
+        self, brightness: float = 0, contrast: float = 0, saturation: float = 0, hue: float = 0
+    ) -> None:
+        super().__init__()
+        for name, value in (("brightness", brightness), ("contrast", contrast),
+                            ("saturation", saturation), ("hue", hue)):  # fmt: skip
+            if value < 0:
+                raise ValueError(f"ColourJitter {name} must be >= 0, got {value}")
+        if hue > 0.5:
+            raise ValueError(f"ColourJitter hue must be <= 0.5 turns, got {hue}")
+
+        def factors(v: float) -> tuple[float, float] | None:
+            return (max(0.0, 1.0 - v), 1.0 + v) if v > 0 else None
+
+        self.brightness = factors(brightness)
+        self.contrast = factors(contrast)
+        self.saturation = factors(saturation)
+        self.hue = (-hue, hue) if hue > 0 else None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if not image.is_floating_point():
+            raise TypeError(f"ColourJitter takes float images in [0, 1], got {image.dtype}")
+        order = torch.randperm(4).tolist()
+        ranges = (self.brightness, self.contrast, self.saturation, self.hue)
+        draws = [None if r is None else torch.empty(1).uniform_(*r) for r in ranges]
+        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        x = image[None]
+        for op in order:  # op ids 0-3 as v2's: brightness, contrast, saturation, hue
+            if draws[op] is not None:
+                x = ops[op](x, draws[op])
+        return x[0]
+
+    def extra_repr(self) -> str:
+        return (
+            f"brightness={self.brightness}, contrast={self.contrast}, "
+            f"saturation={self.saturation}, hue={self.hue}"
+        )
+
+
 def _colour_ops(
     channels: int,
     jitter: float,
     strengths: tuple[float, float, float, float],
-) -> list[v2.Transform]:
+) -> list[Transform]:
     """Random colour jitter (p=0.8) and, for RGB only, random greyscale (p=0.2)."""
     if jitter < 0:
         raise ValueError(f"jitter must be >= 0, got {jitter}")
     b, c, s, h = (x * jitter for x in strengths)
-    ops: list[v2.Transform] = []
+    ops: list[Transform] = []
     if jitter > 0:
         # Saturation and hue do nothing on one channel; dropping them keeps the op cheap.
-        cj = v2.ColorJitter(b, c) if channels == 1 else v2.ColorJitter(b, c, s, min(h, 0.5))
+        cj = ColourJitter(b, c) if channels == 1 else ColourJitter(b, c, s, min(h, 0.5))
         ops.append(v2.RandomApply([cj], p=_JITTER_PROB))
     if channels == 3:
         ops.append(v2.RandomGrayscale(p=_GRAYSCALE_PROB))
     return ops
 
 
-def _reflect_blur_matrices(sigma: torch.Tensor, kernel_size: int, n: int) -> torch.Tensor:
-    """(B, n, n) matrices M with M @ v = v blurred along its n entries with a Gaussian of
-    per-sample ``sigma`` (B,) pixels, ``kernel_size`` taps and reflect padding."""
-    taps = torch.arange(kernel_size, dtype=sigma.dtype, device=sigma.device)
-    weights = torch.exp(-0.5 * ((taps - (kernel_size - 1) / 2) / sigma[:, None]) ** 2)
-    weights = weights / weights.sum(dim=1, keepdim=True)  # (B, k)
-    rows = torch.arange(n, device=sigma.device)[:, None]
-    source = rows + torch.arange(kernel_size, device=sigma.device) - kernel_size // 2  # (n, k)
-    if n > 1:  # reflect at both edges, "dcb|abcd|cba": period 2 (n - 1)
-        source = source.remainder(2 * (n - 1))
-        source = torch.where(source >= n, 2 * (n - 1) - source, source)
-    else:
-        source = torch.zeros_like(source)
-    b = sigma.shape[0]
-    matrices = torch.zeros(b, n, n, dtype=sigma.dtype, device=sigma.device)
-    return matrices.scatter_add_(
-        2, source.expand(b, n, kernel_size), weights[:, None, :].expand(b, n, kernel_size)
-    )
-
-
-def matrix_gaussian_blur(
-    images: torch.Tensor, sigma: torch.Tensor, kernel_size: int
-) -> torch.Tensor:
-    """Blur float ``images`` (B, C, H, W), each with its own ``sigma`` (B,) (pixels):
-    torchvision's gaussian_blur (reflect padding, ``kernel_size`` taps) per sample.
-
-    The Gaussian is separable and each 1-D pass with its reflect padding is a banded
-    n x n matrix, so the blur is two matrix products. For one image on the CPU that is
-    several times faster than torchvision's k x k convolution or two depthwise 1-D
-    convolutions; for whole batches the depthwise form (``BatchAugment``'s) is faster
-    (``bench/blur.py``, BENCHMARKS.md).
-    """
-    _, _, height, width = images.shape
-    sigma = sigma.to(images.device, images.dtype)
-    across = _reflect_blur_matrices(sigma, kernel_size, width)[:, None]  # (B, 1, W, W)
-    down = (
-        across if height == width else _reflect_blur_matrices(sigma, kernel_size, height)[:, None]
-    )
-    return down @ (images @ across.transpose(-1, -2))
-
-
 class GaussianBlur(torch.nn.Module):
-    """Per-image Gaussian blur of a uint8 (C, H, W) tensor, sigma ~ U(sigma range) drawn
-    from torch's global generator as ``v2.GaussianBlur`` draws it; the same result up to
-    float rounding, by :func:`matrix_gaussian_blur`'s products instead of a convolution."""
+    """Per-image Gaussian blur of a (C, H, W) tensor (uint8 or float), sigma ~ U(sigma range)
+    drawn from torch's global generator as ``v2.GaussianBlur`` draws it; the same pixels
+    within 6.4e-5 of their range, by :func:`wcl.data.batch_ops.gaussian_blur`'s shifted sums
+    instead of a k x k convolution (several times faster, ``bench/blur.py``)."""
 
     def __init__(self, kernel_size: int, sigma: tuple[float, float] = _BLUR_SIGMA) -> None:
         super().__init__()
@@ -116,7 +135,7 @@ class GaussianBlur(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         sigma = torch.empty(1).uniform_(*self.sigma)
-        blurred = matrix_gaussian_blur(image[None].float(), sigma, self.kernel_size)[0]
+        blurred = gaussian_blur(image[None].float(), sigma, self.kernel_size)[0]
         if image.is_floating_point():
             return blurred.to(image.dtype)
         return blurred.round_().clamp_(0, 255).to(image.dtype)
@@ -157,10 +176,11 @@ def weak_pipeline(
     return v2.Compose(
         [
             v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
             *_colour_ops(channels, jitter, WEAK_JITTER),
             *_blur_ops(size, blur_prob),
             v2.RandomHorizontalFlip(),
-            *_to_normalised_float(mean, std),
+            v2.Normalize(list(mean), list(std)),
         ]
     )
 
@@ -183,9 +203,10 @@ def strong_pipeline(
         [
             v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
             *_colour_ops(channels, jitter, STRONG_JITTER),
             *_blur_ops(size, blur_prob),
-            *_to_normalised_float(mean, std),
+            v2.Normalize(list(mean), list(std)),
         ]
     )
 

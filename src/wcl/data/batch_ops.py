@@ -7,6 +7,8 @@ each sample (tests/test_batch_augment.py checks each against it).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -21,11 +23,13 @@ __all__ = [
     "adjust_hue",
     "adjust_saturation",
     "colour_jitter",
+    "depthwise_gaussian_blur",
     "gaussian_blur",
     "hflip",
     "random_grayscale",
     "resized_crop",
     "rgb_to_grayscale",
+    "shifted_gaussian_blur",
 ]
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601 luma, with R rounded to 0.2989 as there).
@@ -121,14 +125,15 @@ def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     value, largest = images.max(dim=1, keepdim=True)
     chroma = value - images.amin(dim=1, keepdim=True)
     # (G - B, B - R, R - G): the numerator of the sector value for each largest channel.
-    diff = images[:, [1, 2, 0]] - images[:, [2, 0, 1]]
+    diff = images.roll(-1, dims=1).sub_(images.roll(1, dims=1))
     # Grey pixels (chroma 0) have diff 0; dividing them by 1 instead keeps NaN out.
-    sector = diff.gather(1, largest) / (chroma + (chroma == 0)) + 2 * largest
+    sector = diff.gather(1, largest).div_(chroma + (chroma == 0)).add_(2 * largest)
     # n = 5, 3, 1, made on the device rather than copied there.
     offsets = 5.0 - 2.0 * torch.arange(3, dtype=images.dtype, device=images.device)
-    k = torch.remainder(sector + 6 * _per_sample(shift, images) + offsets.view(1, 3, 1, 1), 6.0)
+    k = (sector + (6 * _per_sample(shift, images) + offsets.view(1, 3, 1, 1))).remainder_(6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return (value - chroma * ramp).clamp_(0.0, 1.0)
+    # In place where possible: fewer large allocations is most of the speed on a CPU.
+    return ramp.mul_(chroma).neg_().add_(value).clamp_(0.0, 1.0)
 
 
 def _jitter_steps(
@@ -197,6 +202,12 @@ def random_grayscale(images: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, rgb_to_grayscale(images).expand_as(images), images)
 
 
+# Gaussian taps beyond 4 sigma weigh under 6.4e-5 in all; the CPU blur leaves them out.
+_BLUR_SIGMAS_KEPT = 4.0
+# Samples per CPU blur call: about 2 MiB of float32, which stays in cache between taps.
+_BLUR_CHUNK_ELEMENTS = 2**19
+
+
 def _gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Normalised 1-D Gaussian taps ``(B, kernel_size)`` for per-sample ``sigma`` (pixels)."""
     taps = torch.arange(kernel_size, dtype=sigma.dtype, device=sigma.device)
@@ -205,12 +216,44 @@ def _gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return weights / weights.sum(dim=1, keepdim=True)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Blur each sample with its own ``sigma`` ``(B,)`` (pixels): v2's gaussian_blur per sample.
+def _blur_along(images: torch.Tensor, taps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Reflect-padded 1-D blur of ``images`` (B, C, H, W) along ``dim`` (-1 or -2) with
+    per-sample ``taps`` (B, 2r + 1): a weighted sum of 2r + 1 shifted views."""
+    radius, n = taps.shape[1] // 2, images.shape[dim]
+    pad = [radius, radius, 0, 0] if dim == -1 else [0, 0, radius, radius]
+    padded = F.pad(images, pad, mode="reflect")
+    weights = taps.view(-1, 1, 1, 1, taps.shape[1])
+    out = padded.narrow(dim, 0, n) * weights[..., 0]
+    for i in range(1, taps.shape[1]):
+        out.addcmul_(padded.narrow(dim, i, n), weights[..., i])
+    return out
 
-    Reflect padding as torchvision; the 2-D Gaussian is separable, so two depthwise 1-D
-    convolutions (one group per sample and channel) replace one k x k convolution.
-    """
+
+def shifted_gaussian_blur(
+    images: torch.Tensor, sigma: torch.Tensor, kernel_size: int
+) -> torch.Tensor:
+    """:func:`gaussian_blur` as sums of shifted copies over the taps within 4 sigma (the
+    rest weigh under 6.4e-5 together, so no pixel moves by more than that times the range),
+    a few samples at a time so they stay in cache. Reads ``sigma`` on the host: for CPUs."""
+    half = kernel_size // 2
+    sigma = sigma.cpu()
+    kernels = _gaussian_kernels(sigma.to(images.dtype), kernel_size).to(images.device)
+    per_call = max(1, _BLUR_CHUNK_ELEMENTS // max(1, images[0].numel()))
+    chunks = []
+    for start in range(0, images.shape[0], per_call):
+        rows = slice(start, start + per_call)
+        # The chunk's widest Gaussian sets how many taps it needs.
+        radius = min(half, math.ceil(_BLUR_SIGMAS_KEPT * float(sigma[rows].max())))
+        taps = kernels[rows, half - radius : half + radius + 1]
+        chunks.append(_blur_along(_blur_along(images[rows], taps, -1), taps, -2))
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+
+def depthwise_gaussian_blur(
+    images: torch.Tensor, sigma: torch.Tensor, kernel_size: int
+) -> torch.Tensor:
+    """:func:`gaussian_blur` as two depthwise 1-D convolutions (one group per sample and
+    channel) over all ``kernel_size`` taps; no host synchronisation: for GPUs."""
     b, c, height, width = images.shape
     kernels = _gaussian_kernels(sigma.to(images.device, images.dtype), kernel_size)
     kernels = kernels.repeat_interleave(c, dim=0)  # (B*C, k): one kernel per group
@@ -219,3 +262,16 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -
     x = F.conv2d(x, kernels.view(b * c, 1, 1, kernel_size), groups=b * c)
     x = F.conv2d(x, kernels.view(b * c, 1, kernel_size, 1), groups=b * c)
     return x.view(b, c, height, width)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur each sample of ``images`` ``(B, C, H, W)`` with its own ``sigma`` ``(B,)``
+    (pixels) and ``kernel_size`` taps: v2's gaussian_blur per sample (reflect padding).
+
+    The 2-D Gaussian is separable, so it is two 1-D passes: on the CPU
+    :func:`shifted_gaussian_blur` (several times faster there, ``bench/blur.py``), elsewhere
+    :func:`depthwise_gaussian_blur`.
+    """
+    if images.device.type == "cpu":
+        return shifted_gaussian_blur(images, sigma, kernel_size)
+    return depthwise_gaussian_blur(images, sigma, kernel_size)
