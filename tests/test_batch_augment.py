@@ -16,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 from wcl.data import (
     DATASET_STATS,
     BatchAugment,
+    batch_augment,
     batch_ops,
     batch_strong_pipeline,
     batch_weak_pipeline,
@@ -372,6 +373,21 @@ def test_output_independent_of_batch_composition(channels: int) -> None:
     for i in (0, 17, 63):
         alone = aug(images[i : i + 1], seeds[i : i + 1])
         torch.testing.assert_close(alone[0], full[i], atol=TIGHT, rtol=0)
+
+
+def test_cpu_chunks_do_not_change_the_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU BatchAugment works a few samples at a time: one sample per chunk against
+    the whole batch in one gives the same views, up to the blur's skipped far tail."""
+    aug = batch_strong_pipeline(64, RGB_MEAN, RGB_STD)
+    images = rand_uint8(12, 3, 80, 72, seed=2)
+    seeds, _ = two_view_seeds(3, 1, range(12))
+    monkeypatch.setattr(batch_augment, "_CPU_CHUNK_ELEMENTS", 2**30)
+    whole = aug(images, seeds)
+    monkeypatch.setattr(batch_augment, "_CPU_CHUNK_ELEMENTS", 1)
+    one_by_one = aug(images, seeds)
+    sigma = aug.sample_params(seeds, 80, 72)["sigma"]
+    bound = truncation_bound(shifted_gaussian_blur, sigma, aug.kernel_size)
+    torch.testing.assert_close(one_by_one, whole, atol=(bound + 2 * TIGHT) / min(RGB_STD), rtol=0)
 
 
 def test_params_depend_only_on_the_seed() -> None:

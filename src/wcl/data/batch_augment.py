@@ -106,6 +106,10 @@ _U_BLUR = 33
 _U_SIGMA = 34
 _N_UNIFORMS = 35
 
+# Floats per CPU chunk of BatchAugment (4 MiB): 6 samples at 224 px, whole batches of
+# CIFAR or Fashion-MNIST images (bench/augment_pipeline.py).
+_CPU_CHUNK_ELEMENTS = 2**20
+
 # ---------------------------------------------------------------------------------------------
 # Seeds and parameters
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +349,7 @@ class BatchAugment(torch.nn.Module):
         if len(rows):
             sigma = p["sigma"][rows].to(device, non_blocking=True)
             rows = rows.to(device, non_blocking=True)
-            x = x.index_copy(0, rows, gaussian_blur(x[rows], sigma, self.kernel_size))
+            x.index_copy_(0, rows, gaussian_blur(x[rows], sigma, self.kernel_size))
         return (x - self.mean.to(device)) / self.std.to(device)
 
     @torch.no_grad()
@@ -362,7 +366,19 @@ class BatchAugment(torch.nn.Module):
                 f"crop=False needs {self.size} x {self.size} crops, got {tuple(images.shape[-2:])}"
             )
         params = self.sample_params(seeds, images.shape[-2], images.shape[-1])
-        return self.apply(images, params, crop)
+        if images.device.type != "cpu":
+            return self.apply(images, params, crop)
+        # On a CPU, a few samples at a time keep the float intermediates in cache.
+        per_sample = images.shape[1] * max(images[0, 0].numel(), self.size**2)
+        step = max(1, _CPU_CHUNK_ELEMENTS // per_sample)
+        return torch.cat(
+            [
+                self.apply(
+                    images[i : i + step], {k: v[i : i + step] for k, v in params.items()}, crop
+                )
+                for i in range(0, len(images), step)
+            ]
+        )
 
 
 def _strengths(base: tuple[float, float, float, float], jitter: float) -> tuple[float, ...]:

@@ -189,7 +189,9 @@ def colour_jitter(
             x = torch.addcmul(ref, f, x).clamp_(0, 1)
         if counts[step]:
             rows = rows_dev[start : start + counts[step]]
-            x = x.index_copy(0, rows, adjust_hue(x[rows], shifts[start : start + counts[step]]))
+            hued = adjust_hue(x[rows], shifts[start : start + counts[step]])
+            # In place once x is ours: a full copy per step costs more than the hue on a CPU.
+            x = x.index_copy(0, rows, hued) if x is images else x.index_copy_(0, rows, hued)
             start += counts[step]
     return x
 
