@@ -1,6 +1,7 @@
 """Data loading (IDX, image folders, torchvision datasets) and contrastive augmentations."""
 
 from wcl.data.augment import (
+    ColourJitter,
     GaussianBlur,
     TwoViews,
     WithIndex,
@@ -55,6 +56,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
     "BatchAugment",
+    "ColourJitter",
     "GaussianBlur",
     "BrokenFile",
     "BrokenImageError",
