@@ -19,7 +19,7 @@ from benchkit import save_results
 
 import wcl.data.batch_augment as module
 from wcl.data import batch_strong_pipeline, sample_seed, two_view_seeds
-from wcl.data.batch_augment import _splitmix64
+from wcl.data.seeds import _splitmix64
 
 
 def per_sample_seeds(seed: int, epoch: int, indices: list[int]) -> tuple[torch.Tensor, ...]:

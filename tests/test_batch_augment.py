@@ -34,7 +34,6 @@ from wcl.data.batch_augment import (
     CONTRAST,
     HUE,
     SATURATION,
-    _uniforms,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
@@ -46,6 +45,7 @@ from wcl.data.batch_augment import (
     resized_crop,
 )
 from wcl.data.batch_ops import depthwise_gaussian_blur, shifted_gaussian_blur
+from wcl.data.seeds import uniforms
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FASHION_IDX = FIXTURES / "fashion-idx"
@@ -430,11 +430,11 @@ def test_uniforms_are_splitmix64_per_seed() -> None:
     """Each row is the seed's own SplitMix64 stream (53 high bits over 2**53), whatever
     else is in the batch; and the values look uniform."""
     seeds = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 123456789])
-    u = _uniforms(seeds, 35)
+    u = uniforms(seeds, 35)
     for row, seed in enumerate(seeds.tolist()):
         expected = [(z >> 11) / 2**53 for z in splitmix64_outputs(seed, 35)]
         assert u[row].tolist() == expected
-    many = _uniforms(two_view_seeds(0, 0, range(4000))[0], 35)
+    many = uniforms(two_view_seeds(0, 0, range(4000))[0], 35)
     assert many.min() >= 0 and many.max() < 1
     assert abs(many.mean().item() - 0.5) < 0.005
     # 595 column pairs, each correlation ~ N(0, 1/4000): all within 5 standard deviations.

@@ -10,7 +10,7 @@ from torchvision import transforms as v1
 from torchvision.transforms.v2 import functional as TF
 
 from wcl.data import sample_seed
-from wcl.data.batch_augment import two_view_seeds
+from wcl.data.seeds import two_view_seeds
 from wcl.data.views import TrainingViews
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

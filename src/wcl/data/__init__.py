@@ -7,7 +7,6 @@ from wcl.data.augment import (
     WithIndex,
     blur_kernel_size,
     eval_pipeline,
-    sample_seed,
     strong_pipeline,
     weak_pipeline,
 )
@@ -15,7 +14,6 @@ from wcl.data.batch_augment import (
     BatchAugment,
     batch_strong_pipeline,
     batch_weak_pipeline,
-    two_view_seeds,
 )
 from wcl.data.check import BrokenFile, DataReport, SizeStats, check_data
 from wcl.data.datasets import (
@@ -46,6 +44,7 @@ from wcl.data.folder import (
     read_skip_log,
     unwrap_image_folder,
 )
+from wcl.data.seeds import sample_seed, two_view_seeds
 
 __all__ = [
     "WithIndex",

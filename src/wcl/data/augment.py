@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
@@ -22,6 +21,7 @@ from wcl.data.batch_ops import (
     adjust_saturation,
     gaussian_blur,
 )
+from wcl.data.seeds import sample_seed
 
 __all__ = [
     "ColourJitter",
@@ -30,7 +30,6 @@ __all__ = [
     "TwoViews",
     "blur_kernel_size",
     "eval_pipeline",
-    "sample_seed",
     "strong_pipeline",
     "weak_pipeline",
 ]
@@ -223,14 +222,6 @@ def eval_pipeline(
             *_to_normalised_float(mean, std),
         ]
     )
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 64-bit seed that is a pure function of (seed, epoch, index)."""
-    # SeedSequence hashes its entropy, so neighbouring (epoch, index) pairs give unrelated
-    # streams; the modulo makes negative seeds valid entropy.
-    entropy = [seed % 2**64, epoch % 2**64, index % 2**64]
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
 class TwoViews(Dataset):

@@ -7,10 +7,11 @@ a few tensor operations rather than a dozen Python calls. It pays off most for s
 (Fashion-MNIST, CIFAR), where the per-image pipeline is all interpreter overhead.
 
 Randomness. Each sample carries its own 64-bit seed. Its parameters are drawn on the CPU
-as a fixed-length vector of uniforms from SplitMix64 started at that seed alone (vectorised
-over the batch in NumPy), so a sample's augmentation never depends on the batch it is in,
-its position, the batch size or the number of processes sharing the batch.
-:func:`two_view_seeds` derives the two views' seeds from a hash of ``(seed, epoch, index)``.
+as a fixed-length vector of uniforms from SplitMix64 started at that seed alone
+(:func:`wcl.data.seeds.uniforms`), so a sample's augmentation never depends on the batch it
+is in, its position, the batch size or the number of processes sharing the batch.
+:func:`~wcl.data.seeds.two_view_seeds` derives the two views' seeds from ``(seed, epoch,
+index)``.
 The draws are not the same numbers as the per-image pipeline's (that one consumes torch's
 global generator op by op), only the same distributions.
 
@@ -22,9 +23,9 @@ symmetric reflect padding), so one order serves both.
 
 Known (small) differences from the per-image pipeline:
 
-- The per-image pipeline runs on uint8 tensors and rounds to integers after the resize and
-  after each colour op; here everything after the first conversion stays float32 in [0, 1]
-  (differences of at most about 1/255 per op).
+- The per-image pipeline crops on uint8 tensors and rounds the resized crop to integers;
+  here the crop is resized in float32 (a difference of at most about 1/255). After the
+  crop both stay float32 in [0, 1].
 - Crop + resize uses ``torchvision.ops.roi_align`` (bilinear, ``aligned=True``), i.e. the same
   sample points as ``resize(..., antialias=False)``. Two differences: (1) output pixels whose
   sample point falls less than half a source pixel inside the crop edge interpolate with the
@@ -41,7 +42,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from wcl.data.augment import (
@@ -69,6 +69,7 @@ from wcl.data.batch_ops import (
     resized_crop,
     rgb_to_grayscale,
 )
+from wcl.data.seeds import uniforms
 
 __all__ = [
     "BatchAugment",
@@ -85,7 +86,6 @@ __all__ = [
     "random_grayscale",
     "resized_crop",
     "rgb_to_grayscale",
-    "two_view_seeds",
 ]
 
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -111,64 +111,8 @@ _N_UNIFORMS = 35
 _CPU_CHUNK_ELEMENTS = 2**20
 
 # ---------------------------------------------------------------------------------------------
-# Seeds and parameters
+# Parameters
 # ---------------------------------------------------------------------------------------------
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on uint64 arrays: a bijection that mixes every input bit."""
-    x = x.copy()
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return x
-
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # odd: k * golden differs for every k mod 2**64
-
-
-def _hash64(*parts: np.ndarray | int) -> np.ndarray:
-    """Well-mixed uint64 hash of the given uint64 parts (arrays broadcast), one SplitMix64
-    finaliser per part."""
-    state = np.uint64(0x6A09E667F3BCC909)
-    with np.errstate(over="ignore"):
-        for part in parts:
-            state = _splitmix64(np.asarray(state ^ np.asarray(part, dtype=np.uint64)) + _GOLDEN)
-    return state
-
-
-def two_view_seeds(
-    seed: int, epoch: int, indices: torch.Tensor | Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample seeds of view 1 and view 2, each int64 ``(B,)``, for dataset ``indices``.
-
-    Both are pure functions of ``(seed, epoch, index)``: a hash of the three plus 1 or 2
-    times an odd constant, mixed by a bijection, so the two views of a sample always differ.
-    Vectorised (no per-sample Python), since it runs on the host every training step.
-    Seeds are 64-bit patterns stored as (possibly negative) int64.
-    """
-    index = torch.as_tensor(indices, dtype=torch.int64).cpu().numpy().astype(np.uint64)
-    base = _hash64(seed % 2**64, epoch % 2**64, index)
-    with np.errstate(over="ignore"):
-        views = [_splitmix64(base + np.uint64(v) * _GOLDEN) for v in (1, 2)]
-    view1, view2 = (torch.from_numpy(v.view(np.int64).copy()) for v in views)
-    return view1, view2
-
-
-def _uniforms(seeds: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` float64 uniforms in [0, 1) per seed, ``(B, count)``; row b depends on seeds[b] only.
-
-    Column k is output k + 1 of SplitMix64 started at the seed (its state advances by the
-    golden gamma; each output is the finaliser of the state), 53 bits each: vectorised
-    over the batch, where a torch.Generator reseeded per row cost 5 us a sample.
-    """
-    state = seeds.cpu().numpy().astype(np.int64).view(np.uint64)[:, None]
-    steps = np.arange(1, count + 1, dtype=np.uint64)[None, :]
-    with np.errstate(over="ignore"):
-        bits = _splitmix64(state + steps * _GOLDEN)
-    return torch.from_numpy((bits >> np.uint64(11)).astype(np.float64) * 2.0**-53)
 
 
 def _between(
@@ -231,7 +175,7 @@ class BatchAugment(torch.nn.Module):
     """One random view of every image in a uint8 batch, normalised; see the module docstring.
 
     ``forward(images, seeds)``: uint8 ``(B, C, H, W)`` on any device and int64 seeds ``(B,)``
-    (e.g. from :func:`two_view_seeds`) to float32 ``(B, C, size, size)`` on the same device.
+    (e.g. from :func:`~wcl.data.seeds.two_view_seeds`) to float32 ``(B, C, size, size)`` on the same device.
     Build it with :func:`batch_weak_pipeline` or :func:`batch_strong_pipeline`.
     """
 
@@ -287,7 +231,7 @@ class BatchAugment(torch.nn.Module):
         seeds = torch.as_tensor(seeds, dtype=torch.int64).cpu()
         if seeds.dim() != 1:
             raise ValueError(f"seeds must have shape (B,), got {tuple(seeds.shape)}")
-        u = _uniforms(seeds, _N_UNIFORMS)
+        u = uniforms(seeds, _N_UNIFORMS)
         crop = crop_params(
             u[:, _U_AREA], u[:, _U_RATIO], u[:, _U_TOP], u[:, _U_LEFT], height, width, self.scale
         )

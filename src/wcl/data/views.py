@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from wcl.data.augment import TwoViews, WithIndex, strong_pipeline, weak_pipeline
-from wcl.data.batch_augment import batch_strong_pipeline, batch_weak_pipeline, two_view_seeds
+from wcl.data.batch_augment import batch_strong_pipeline, batch_weak_pipeline
+from wcl.data.seeds import two_view_seeds
 
 __all__ = ["AUGMENT_MODES", "TrainingViews"]
 
