@@ -181,3 +181,46 @@ def test_hybrid_augmentation_trains_on_a_folder_of_mixed_sizes(tmp_path):
         math.isfinite(r["loss"]) for r in rows if "loss" in r
     )
     assert torch.load(run / "late_batch.pt")["images"].shape == (6, 3, 32, 32)
+
+
+def write_cifar10(root: Path, per_batch: int) -> None:
+    """A small CIFAR-10 in torchvision's on-disk format (pickled batches of flat CHW rows)."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        batch = {
+            "data": rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8),
+            "labels": rng.integers(0, 10, per_batch).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    meta = {"label_names": [f"class{k}" for k in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+
+
+def test_cifar10_preset_trains_with_batched_augmentation(tmp_path, monkeypatch):
+    """The shipped cifar10-r18 preset (batched augmentation), shrunk, through torchvision's
+    own CIFAR-10 reader (its md5 checks off: the files are ours)."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: True)
+    write_cifar10(tmp_path / "cifar", per_batch=8)
+    run = tmp_path / "run"
+    cfg = load_config(
+        "cifar10-r18",
+        [f"data.root={tmp_path / 'cifar'}", "data.workers=0", "model.width=8",
+         "model.hidden_dim=32", "model.out_dim=16", "train.epochs=2", "optim.warmup_epochs=1",
+         "train.batch_size=20", "train.log_every=1",
+         "train.knn_every=0", f"train.out_dir={run}"],
+    )  # fmt: skip
+    assert cfg.data.augment == "batch"
+    pretrain(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    # 40 images, batch 20, two epochs: the weak pipeline, then the strong one.
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert torch.load(run / "late_batch.pt")["images"].shape == (20, 3, 32, 32)
