@@ -224,3 +224,18 @@ def test_cifar10_preset_trains_with_batched_augmentation(tmp_path, monkeypatch):
     # 40 images, batch 20, two epochs: the weak pipeline, then the strong one.
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert torch.load(run / "late_batch.pt")["images"].shape == (20, 3, 32, 32)
+
+
+def test_demo_sized_runs_are_bitwise_reproducible(tmp_path):
+    """The demo's model and batch (256) for 4 steps, twice: identical weights. At these
+    sizes multi-threaded CPU kernels split the work, which the tiny runs above never do."""
+    runs = []
+    for name in ("a", "b"):
+        cfg = load_config(
+            "fashion-mnist-demo",
+            [f"data.root={FIXTURE}", "data.workers=0", "train.epochs=4", "train.knn_every=0",
+             "optim.warmup_epochs=1", f"train.out_dir={tmp_path / name}"],
+        )  # fmt: skip
+        pretrain(cfg)
+        runs.append(final_weights(tmp_path / name))
+    assert_same_weights(*runs)

@@ -152,7 +152,10 @@ def supervised_contrastive_loss(
         ones = torch.ones(n, dtype=candidates.dtype, device=labels.device)
         label_count = torch.zeros_like(ones).index_add(0, labels, ones)
         anchor_labels = labels[own]
-        positives_sum = label_sum[anchor_labels] - candidates[own]
+        # index_select, not label_sum[anchor_labels]: indexing's backward accumulates
+        # repeated rows with index_put_, whose order (so float rounding) varies from run
+        # to run on multi-threaded CPUs; index_select's (index_add_) does not.
+        positives_sum = label_sum.index_select(0, anchor_labels) - candidates[own]
         num_positives = label_count[anchor_labels] - 1
         positive_logit_sum = (anchors * positives_sum).sum(dim=1) / temperature
         has_positive = num_positives > 0
