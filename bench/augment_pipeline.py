@@ -19,10 +19,11 @@ Three ways to make the two augmented views of every image, on the same uint8 ima
 Data: Fashion-MNIST (28 px greyscale, from ``wcl.data.load_fashion_mnist``), "photos32":
 CIFAR-like 32 px RGB tiles cut from the test fixture photos, and "photos224": scikit-learn's
 two 640 x 427 sample photos (cycled, an eighth as many images, batches of 32) augmented to
-224 px as for ImageNet; the batched path needs equal-sized images, so it skips photos224,
-which gets (d) ``hybrid`` instead (``data.augment=hybrid``: the crop per image in the
-workers, the rest batched): "workers' part" is what the DataLoader must deliver when a GPU
-does the rest, "all on the CPU" adds the batched rest on this CPU. "images/s" counts source images,
+224 px as for ImageNet; the batched path needs equal-sized images, so it skips photos224.
+All three get (d) ``hybrid`` (``data.augment=hybrid``, what image folders of any size can
+use: the crop per image in the workers, the rest batched): "workers' part" is what the
+DataLoader must deliver when a GPU does the rest, "all on the CPU" adds the batched rest
+in the main process on this CPU (a CPU-only machine's case). "images/s" counts source images,
 each turned into two views. Each figure is the median of ``--reps`` timed passes over the
 images; workers are persistent and warmed up by one untimed pass, so start-up is excluded.
 The main process uses ``--threads`` torch threads (default 1: on a small shared machine
@@ -253,16 +254,16 @@ def measure(
         if isinstance(images, torch.Tensor):
             rows["(c) batch, loader"] = time_passes(batch_loader_pass(images, batched), reps, True)
             rows["(c) batch, aug only"] = time_passes(batch_only_pass(images, batched), reps, True)
-        else:
-            low = 0.08 if strong else 0.2
-            hybrid = TrainingViews(Images(images), "hybrid", size, mean, std, weak_min_scale=low,
-                                   strong_min_scale=low, jitter=1.0, blur_prob=0.5, seed=0)  # fmt: skip
-            for workers in WORKERS:
-                rows[f"(d) hybrid, workers' part, {workers} workers"] = time_passes(
-                    hybrid_pass(hybrid, workers, batch, whole=False), reps, warm_up=workers > 0
-                )
-            rows["(d) hybrid, all on the CPU, 2 workers"] = time_passes(
-                hybrid_pass(hybrid, 2, batch, whole=True), reps, warm_up=True
+        low = 0.08 if strong else 0.2
+        hybrid = TrainingViews(Images(images), "hybrid", size, mean, std, weak_min_scale=low,
+                               strong_min_scale=low, jitter=1.0, blur_prob=0.5, seed=0)  # fmt: skip
+        for workers in WORKERS:
+            rows[f"(d) hybrid, workers' part, {workers} workers"] = time_passes(
+                hybrid_pass(hybrid, workers, batch, whole=False), reps, warm_up=workers > 0
+            )
+        for workers in (0, 2):
+            rows[f"(d) hybrid, all on the CPU, {workers} workers"] = time_passes(
+                hybrid_pass(hybrid, workers, batch, whole=True), reps, warm_up=workers > 0
             )
         results[column] = rows
         best = {k: round(statistics.median(v)) for k, v in rows.items()}
