@@ -3,12 +3,14 @@
 Release-style: float32, weak labels on the host (``topk`` -> copy to host -> SciPy
 ``connected_components``), a dense N x N float positive mask for the supervised contrastive
 loss, NT-Xent as plain cross-entropy over the full logits, and the ``release`` gather mode. Ours: ``wcl.WCL`` as shipped (labels on the device,
-the loss from a label vector). Same backbone, heads, data and optimiser (LARS).
+the loss from a label vector), in float32 and, as a third path, under bfloat16 autocast
+(``train.amp=bf16``; fast only on CPUs with native bf16 arithmetic, AVX512-BF16 or AMX, and
+the table says whether this one has it). Same backbone, heads, data and optimiser (LARS).
 
 ``python bench/train_step.py`` runs each (model, path) pair in its own process, so that the
 peak resident memory (ru_maxrss) of each is its own, alternating the paths over three
 rounds (median round kept), and prints a markdown table with
-ratios release / ours. Models: the demo preset (ResNet-10 width 32, 28 px greyscale, batch
+ratios release / each path. Models: the demo preset (ResNet-10 width 32, 28 px greyscale, batch
 256) and ResNet-50 at 64 px RGB (batch 64). Writes runs/bench/train_step.json.
 """
 
@@ -17,6 +19,7 @@ import json
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,6 +87,18 @@ def release_forward(model: WCL, x1: torch.Tensor, x2: torch.Tensor) -> torch.Ten
     return inst + graph
 
 
+PATHS = ("release", "ours", "ours-bf16")
+
+
+def native_bf16() -> bool:
+    """Whether this (Linux x86) CPU does bf16 arithmetic natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def run_one(model_name: str, path: str, steps: int) -> dict:
     spec = MODELS[model_name]
     torch.manual_seed(0)
@@ -96,7 +111,8 @@ def run_one(model_name: str, path: str, steps: int) -> dict:
     times = []
     for _ in range(steps + 2):
         start = time.perf_counter()
-        loss = release_forward(model, x1, x2) if path == "release" else model(x1, x2)["loss"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "ours-bf16"):
+            loss = release_forward(model, x1, x2) if path == "release" else model(x1, x2)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -118,11 +134,11 @@ def main() -> None:
         return
     rows = []
     for model_name in args.models:
-        runs = {"release": [], "ours": []}
+        runs = {path: [] for path in PATHS}
         # Alternate the two paths over several rounds so that drift in the machine's load
         # falls on both alike; keep the median round of each.
         for _ in range(args.rounds):
-            for path in ("release", "ours"):
+            for path in PATHS:
                 runs[path].append(
                     run_fresh(__file__, "--steps", str(args.steps), "--one", model_name, path)
                 )
@@ -130,21 +146,25 @@ def main() -> None:
             path: sorted(found, key=lambda r: r["step_s"])[len(found) // 2]
             for path, found in runs.items()
         }
-        row = {"model": model_name, "release": pair["release"], "ours": pair["ours"],
-               "time_ratio": pair["release"]["step_s"] / pair["ours"]["step_s"],
-               "memory_ratio": pair["release"]["peak_rss_mib"] / pair["ours"]["peak_rss_mib"]}  # fmt: skip
+        release = pair["release"]
+        row = {"model": model_name, **pair}
+        for path in PATHS[1:]:
+            row[f"{path}_time_ratio"] = release["step_s"] / pair[path]["step_s"]
+            row[f"{path}_memory_ratio"] = release["peak_rss_mib"] / pair[path]["peak_rss_mib"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| model | step: release | ours | ratio | peak RSS: release | ours | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nnative bf16 on this CPU: {native_bf16()}")
+    print("\n| model | path | step | ratio | peak RSS | ratio |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        rel, ours = r["release"], r["ours"]
-        print(
-            f"| {r['model']} | {rel['step_s'] * 1e3:.0f} ms | {ours['step_s'] * 1e3:.0f} ms | "
-            f"{r['time_ratio']:.2f}x | {rel['peak_rss_mib']:.0f} MiB | "
-            f"{ours['peak_rss_mib']:.0f} MiB | {r['memory_ratio']:.2f}x |"
-        )
-    save_results("train_step.json", rows)
+        for path in PATHS:
+            time_ratio = r.get(f"{path}_time_ratio", 1.0)
+            memory_ratio = r.get(f"{path}_memory_ratio", 1.0)
+            print(
+                f"| {r['model']} | {path} | {r[path]['step_s'] * 1e3:.0f} ms | "
+                f"{time_ratio:.2f}x | {r[path]['peak_rss_mib']:.0f} MiB | {memory_ratio:.2f}x |"
+            )
+    save_results("train_step.json", {"native_bf16": native_bf16(), "rows": rows})
 
 
 if __name__ == "__main__":
