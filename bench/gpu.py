@@ -16,7 +16,9 @@ writes them to $OUT/gpu.jsonl (or runs/bench/gpu.jsonl):
 6. ``data.augment=hybrid`` at 224 px: the device's share (flip, jitter, greyscale, blur,
    normalisation of two views of 128 crops) against the WCL step on the same batch;
 7. the whole step, ours against the release's way (bench/train_step.py's: weak labels
-   through the host and SciPy, a dense mask), at batch 128.
+   through the host and SciPy, a dense mask), at batch 128;
+8. the batched blur on the device at 224 px: the depthwise convolutions BatchAugment uses
+   there against the shifted sums it uses on CPUs (which read sigma on the host).
 ``--quick`` runs only 1 and 2 at batch 128. ``--dry-run`` runs every part on the CPU with
 a tiny network, batch and image size, to catch mistakes before spending device time
 (tests/test_bench_gpu.py runs it).
@@ -33,7 +35,8 @@ import torch.nn.functional as F
 from train_step import release_forward
 
 from wcl.backbones import build_backbone
-from wcl.data import batch_strong_pipeline, two_view_seeds
+from wcl.data import batch_strong_pipeline, blur_kernel_size, two_view_seeds
+from wcl.data.batch_ops import depthwise_gaussian_blur, shifted_gaussian_blur
 from wcl.model import WCL
 from wcl.optim import LARS, param_groups
 
@@ -217,6 +220,23 @@ def hybrid_device_share(s: dict, batch: int) -> None:
            augment_over_step=aug / step)  # fmt: skip
 
 
+def blur_kernels(s: dict, batch: int) -> None:
+    """Depthwise-convolution blur against shifted sums, on the device, same images."""
+    device = torch.device(s["device"])
+    size = s["size"]
+    k = blur_kernel_size(size)
+    images = torch.rand(batch, 3, size, size, device=device)
+    sigma = torch.linspace(0.1, 2.0, batch)
+    depthwise = depthwise_gaussian_blur(images, sigma, k)
+    shifted = shifted_gaussian_blur(images, sigma, k)
+    max_diff = (depthwise - shifted).abs().max().item()
+    depthwise_s = seconds_per_call(lambda: depthwise_gaussian_blur(images, sigma, k), s)
+    shifted_s = seconds_per_call(lambda: shifted_gaussian_blur(images, sigma, k), s)
+    report(check="blur_kernels", batch=batch, size=size, depthwise_s=depthwise_s,
+           shifted_s=shifted_s, depthwise_over_shifted=depthwise_s / shifted_s,
+           max_diff=max_diff)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -235,6 +255,7 @@ def main() -> None:
         attempt(ours_vs_release, s, batches[0])
         attempt(cifar_epoch, s)
         attempt(hybrid_device_share, s, batches[0])
+        attempt(blur_kernels, s, batches[0])
         if not args.dry_run:  # compiling on the CPU takes minutes and tells nothing here
             # Last: compilation is the slowest and likeliest part to fail on a new machine.
             attempt(throughput, s, batches[0], compile_backbone=True)
