@@ -141,7 +141,8 @@ def full_photos(count: int) -> list[torch.Tensor]:
     from sklearn.datasets import load_sample_images
 
     photos = [
-        torch.from_numpy(p).permute(2, 0, 1).contiguous() for p in load_sample_images().images
+        torch.from_numpy(p.copy()).permute(2, 0, 1).contiguous()
+        for p in load_sample_images().images
     ]
     return [photos[i % len(photos)] for i in range(count)]
 
