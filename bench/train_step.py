@@ -19,7 +19,6 @@ import json
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from scipy.sparse.csgraph import connected_components
 from wcl.backbones import build_backbone
 from wcl.model import WCL
 from wcl.optim import LARS, param_groups
+from wcl.run import cpu_has_native_bf16
 
 MODELS = {
     "demo": {"backbone": "resnet10", "stem": "small-s2", "width": 32, "channels": 1, "size": 28,
@@ -90,15 +90,6 @@ def release_forward(model: WCL, x1: torch.Tensor, x2: torch.Tensor) -> torch.Ten
 PATHS = ("release", "ours", "ours-bf16")
 
 
-def native_bf16() -> bool:
-    """Whether this (Linux x86) CPU does bf16 arithmetic natively (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def run_one(model_name: str, path: str, steps: int) -> dict:
     spec = MODELS[model_name]
     torch.manual_seed(0)
@@ -153,7 +144,7 @@ def main() -> None:
             row[f"{path}_memory_ratio"] = release["peak_rss_mib"] / pair[path]["peak_rss_mib"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\nnative bf16 on this CPU: {native_bf16()}")
+    print(f"\nnative bf16 on this CPU: {cpu_has_native_bf16()}")
     print("\n| model | path | step | ratio | peak RSS | ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -164,7 +155,7 @@ def main() -> None:
                 f"| {r['model']} | {path} | {r[path]['step_s'] * 1e3:.0f} ms | "
                 f"{time_ratio:.2f}x | {r[path]['peak_rss_mib']:.0f} MiB | {memory_ratio:.2f}x |"
             )
-    save_results("train_step.json", {"native_bf16": native_bf16(), "rows": rows})
+    save_results("train_step.json", {"native_bf16": cpu_has_native_bf16(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -254,3 +254,27 @@ def test_demo_sized_runs_are_bitwise_reproducible(tmp_path):
         pretrain(cfg)
         runs.append(final_weights(tmp_path / name))
     assert_same_weights(*runs)
+
+
+def test_amp_dtype_and_the_emulated_bf16_warning(monkeypatch):
+    """One rule for training and evaluation: bf16 when asked, or auto on a GPU; asking a
+    CPU without native bf16 for it warns (PyTorch would emulate it, slower than float32)."""
+    import warnings
+
+    from wcl import run
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert run.amp_dtype("auto", gpu) is torch.bfloat16 and run.amp_dtype("off", gpu) is None
+    assert run.amp_dtype("auto", cpu) is None
+    monkeypatch.setattr(run, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16"):
+        assert run.amp_dtype("bf16", cpu) is torch.bfloat16
+    for native in (True, None):  # has it, or cannot tell (not Linux): no warning
+        monkeypatch.setattr(run, "cpu_has_native_bf16", lambda native=native: native)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert run.amp_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.undo()
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
+    expected = None if flags is None else bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+    assert run.cpu_has_native_bf16() is expected

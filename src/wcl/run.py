@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,9 @@ __all__ = [
     "MetricsLog",
     "ResumableSampler",
     "RunState",
+    "amp_dtype",
     "check_run_dir",
+    "cpu_has_native_bf16",
     "find_resume_checkpoint",
     "ignore_preemption_signals",
     "keep_epoch_copy",
@@ -55,6 +58,31 @@ MAY_CHANGE_ON_RESUME = {
     "train.log_every", "train.threads", "train.knn_every", "train.knn_k", "train.knn_t",
     "train.knn_bank", "train.knn_queries",
 }  # fmt: skip
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU does bf16 arithmetic natively (x86 AVX512-BF16 or AMX, Arm BF16),
+    read from /proc/cpuinfo; None where that file does not exist (not Linux)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for an ``amp`` setting (auto | bf16 | off): bfloat16 for ``bf16``,
+    and for ``auto`` on a GPU; else None (float32). Warns when bf16 is asked of a CPU that
+    would only emulate it (slower than float32 there)."""
+    if amp == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
+        warnings.warn(
+            "amp=bf16 on a CPU without native bf16 (AVX512-BF16, AMX or Arm BF16): PyTorch "
+            "emulates it, so expect it to be slower than float32 (amp=off)",
+            stacklevel=2,
+        )
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 @dataclass

@@ -39,6 +39,7 @@ from wcl.run import (
     PreemptionFlag,
     ResumableSampler,
     RunState,
+    amp_dtype,
     check_run_dir,
     find_resume_checkpoint,
     ignore_preemption_signals,
@@ -134,12 +135,6 @@ def _save_late_batch(path: Path, x: torch.Tensor, out: dict, targets, cfg: Confi
         batch["targets"] = targets.cpu()
     batch["classes"] = classes
     torch.save(batch, path)
-
-
-def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    if cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def _gradients_finite(model: torch.nn.Module) -> bool:
@@ -238,7 +233,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     peak_lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)
     total_steps = cfg.train.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    autocast_dtype = _autocast_dtype(cfg, device)
+    autocast_dtype = amp_dtype(cfg.train.amp, device)
 
     state = RunState()
     if checkpoint is not None:

@@ -23,11 +23,11 @@ from wcl.eval.config import EvalRun
 from wcl.eval.data import Splits, eval_transform
 from wcl.eval.features import extract_features, file_identity, load_cached_features, save_features
 from wcl.eval.shards import gather_shards, shard
+from wcl.run import amp_dtype
 from wcl.weights import LoadedBackbone, load_backbone, write_json
 
 __all__ = [
     "Setup",
-    "amp_dtype",
     "open_run",
     "resolve_device",
     "sharded_features",
@@ -59,13 +59,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("'run.device' is cuda but no CUDA device is available")
     return torch.device(name)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bfloat16 for ``bf16``, and for ``auto`` on a GPU; else None (float32)."""
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 @dataclass

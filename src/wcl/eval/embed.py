@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from wcl.data import ImageFolderDataset, dataset_stats
-from wcl.eval.common import amp_dtype, resolve_device
+from wcl.eval.common import resolve_device
 from wcl.eval.data import ToChannels
 from wcl.eval.features import extract_features
 from wcl.export import input_size
+from wcl.run import amp_dtype
 from wcl.weights import atomic_write, load_backbone
 
 __all__ = ["EmbedResult", "embed_images", "embedding_paths"]
