@@ -390,6 +390,14 @@ def test_cpu_chunks_do_not_change_the_views(monkeypatch: pytest.MonkeyPatch) -> 
     torch.testing.assert_close(one_by_one, whole, atol=(bound + 2 * TIGHT) / min(RGB_STD), rtol=0)
 
 
+def test_empty_batch_gives_empty_views() -> None:
+    aug = batch_strong_pipeline(32, RGB_MEAN, RGB_STD)
+    views = aug(torch.zeros(0, 3, 40, 40, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    assert views.shape == (0, 3, 32, 32) and views.dtype == torch.float32
+    for blur in BLURS:
+        assert blur(torch.zeros(0, 3, 8, 8), torch.zeros(0), 3).shape == (0, 3, 8, 8)
+
+
 def test_params_depend_only_on_the_seed() -> None:
     aug = batch_weak_pipeline(32, RGB_MEAN, RGB_STD)
     seeds = torch.tensor([5, -3, 2**62, -(2**63), 0, 123456789])

@@ -310,7 +310,7 @@ class BatchAugment(torch.nn.Module):
                 f"crop=False needs {self.size} x {self.size} crops, got {tuple(images.shape[-2:])}"
             )
         params = self.sample_params(seeds, images.shape[-2], images.shape[-1])
-        if images.device.type != "cpu":
+        if images.device.type != "cpu" or len(images) == 0:
             return self.apply(images, params, crop)
         # On a CPU, a few samples at a time keep the float intermediates in cache.
         per_sample = images.shape[1] * max(images[0, 0].numel(), self.size**2)

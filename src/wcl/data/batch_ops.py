@@ -237,6 +237,8 @@ def shifted_gaussian_blur(
     """:func:`gaussian_blur` as sums of shifted copies over the taps within 4 sigma (the
     rest weigh under 6.4e-5 together, so no pixel moves by more than that times the range),
     a few samples at a time so they stay in cache. Reads ``sigma`` on the host: for CPUs."""
+    if images.shape[0] == 0:
+        return images.clone()
     half = kernel_size // 2
     sigma = sigma.cpu()
     kernels = _gaussian_kernels(sigma.to(images.dtype), kernel_size).to(images.device)
@@ -257,6 +259,8 @@ def depthwise_gaussian_blur(
     """:func:`gaussian_blur` as two depthwise 1-D convolutions (one group per sample and
     channel) over all ``kernel_size`` taps; no host synchronisation: for GPUs."""
     b, c, height, width = images.shape
+    if b == 0:
+        return images.clone()
     kernels = _gaussian_kernels(sigma.to(images.device, images.dtype), kernel_size)
     kernels = kernels.repeat_interleave(c, dim=0)  # (B*C, k): one kernel per group
     pad = kernel_size // 2
