@@ -10,12 +10,10 @@ step time or the device waits. Writes runs/bench/batch_params.json.
 """
 
 import json
-import statistics
-import time
 
 import numpy as np
 import torch
-from benchkit import save_results
+from benchkit import median_seconds, save_results
 
 import wcl.data.batch_augment as module
 from wcl.data import batch_strong_pipeline, sample_seed, two_view_seeds
@@ -40,13 +38,7 @@ def per_sample_uniforms(seeds: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def median_ms(fn, reps: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_seconds(fn, reps) * 1e3
 
 
 def main() -> None:
@@ -61,13 +53,13 @@ def main() -> None:
 
         def baseline(indices=indices):
 
-            ours_uniforms = module._uniforms
-            module._uniforms = per_sample_uniforms  # the old per-sample draw
+            ours_uniforms = module.uniforms
+            module.uniforms = per_sample_uniforms  # the old per-sample draw
             try:
                 for seeds in per_sample_seeds(0, 3, indices):
                     aug.sample_params(seeds, 32, 32)
             finally:
-                module._uniforms = ours_uniforms
+                module.uniforms = ours_uniforms
 
         row = {"batch": batch, "baseline_ms": median_ms(baseline), "ours_ms": median_ms(ours)}
         row["ratio"] = row["baseline_ms"] / row["ours_ms"]

@@ -1,11 +1,26 @@
-"""Plumbing shared by the bench scripts: where results go, and runs in a fresh process."""
+"""Plumbing shared by the bench scripts: timing, where results go, runs in a fresh process."""
 
 import json
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path("runs/bench")
+
+
+def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``reps`` calls of ``fn``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def save_results(name: str, data: object) -> Path:

@@ -13,11 +13,9 @@ Prints median ms per image and ratios against (a); writes runs/bench/blur.json.
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
-from benchkit import save_results
+from benchkit import median_seconds, save_results
 from torchvision.transforms.v2 import functional as TF
 
 from wcl.data import blur_kernel_size
@@ -39,13 +37,7 @@ def per_image_ms(
         for start in range(0, len(images), batch):
             fn(images[start : start + batch], sigma[start : start + batch], k)
 
-    one_pass()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        one_pass()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / len(images) * 1e3
+    return median_seconds(one_pass, reps) / len(images) * 1e3
 
 
 def main() -> None:

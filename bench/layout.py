@@ -10,10 +10,9 @@ the layout for pre-training. Writes runs/bench/layout.json.
 
 import json
 import statistics
-import time
 
 import torch
-from benchkit import save_results
+from benchkit import median_seconds, save_results
 
 from wcl.backbones import build_backbone
 from wcl.model import WCL
@@ -31,14 +30,7 @@ def step_seconds(spec: tuple, layout: torch.memory_format, steps: int = 6) -> fl
     model = WCL(backbone, backbone.feature_dim, hidden, 128).to(memory_format=layout)
     x1 = torch.randn(batch, channels, size, size).to(memory_format=layout)
     x2 = torch.randn_like(x1).to(memory_format=layout)
-    for _ in range(2):
-        model(x1, x2)["loss"].backward()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        model(x1, x2)["loss"].backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: model(x1, x2)["loss"].backward(), steps, warmup=2)
 
 
 def main() -> None:
