@@ -2,6 +2,7 @@
 
 ``python -m torch.distributed.run --nproc_per_node=W tests/dist_worker.py OUT MODE STEPS``
 saves each rank's results to OUT/rank{r}.pt; tests call :func:`run` for one process.
+MODE is a gather mode, ``+small`` added for multi-crop (3 small crops per image).
 Each process takes the contiguous slice rank*b : (rank+1)*b of every global batch, so
 the global batch has the same row order for any W.
 """
@@ -31,9 +32,13 @@ def run(mode: str, steps: int) -> dict:
 
 def _run(mode: str, steps: int) -> dict:
     info = dist.init_distributed("gloo", "cpu")
+    gather_mode, _, extra = mode.partition("+")
     torch.manual_seed(0)
     backbone = build_backbone("resnet10", stem="small", in_channels=1, width=8)
-    model = WCL(backbone, backbone.feature_dim, hidden_dim=32, out_dim=16, gather_mode=mode)
+    model = WCL(
+        backbone, backbone.feature_dim, hidden_dim=32, out_dim=16, gather_mode=gather_mode,
+        small_k=2,
+    )  # fmt: skip
     net = model
     if info.world_size > 1:
         model = dist.sync_batchnorm(model, info.device)
@@ -43,11 +48,13 @@ def _run(mode: str, steps: int) -> dict:
     x1 = torch.randn(steps, GLOBAL_BATCH, 1, 28, 28, generator=data)
     x2 = x1 + 0.3 * torch.randn(steps, GLOBAL_BATCH, 1, 28, 28, generator=data)
     targets = torch.randint(0, 4, (GLOBAL_BATCH,), generator=data)
+    small = torch.randn(steps, 3, GLOBAL_BATCH, 1, 12, 12, generator=data)
     b = GLOBAL_BATCH // info.world_size
     mine = slice(info.rank * b, (info.rank + 1) * b)
     history = []
     for k in range(steps):
-        out = net(x1[k, mine], x2[k, mine], targets[mine])
+        crops = small[k, :, mine].flatten(0, 1) if extra == "small" else None
+        out = net(x1[k, mine], x2[k, mine], targets[mine], crops)
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()

@@ -62,6 +62,19 @@ def test_overrides_and_base_chain(tmp_path):
         ({"data": {"dataset": "cifar10", "channels": 1}}, "data.channels"),
         ({"data": {"root": "/no/such/dir"}}, "data.root"),
         ({"optim": {"warmup_epochs": 20}, "train": {"epochs": 10}}, "optim.warmup_epochs"),
+        ({"data": {"small_crops": -1}}, "data.small_crops"),
+        ({"data": {"small_crops": 2, "small_min_scale": 0.5}}, "data.small_min_scale"),
+        ({"data": {"small_crops": 2, "small_max_scale": 1.5}}, "data.small_max_scale"),
+        ({"data": {"small_crops": 2, "small_size": 4}}, "data.small_size"),
+        (
+            {"data": {"small_crops": 2, "image_size": 64}, "model": {"stem": "imagenet"}},
+            "data.small_size",
+        ),
+        (
+            {"data": {"small_crops": 2}, "model": {"small_k": 8}, "train": {"batch_size": 8}},
+            "model.small_k",
+        ),
+        ({"model": {"small_weight": -1.0}}, "model.small_weight"),
     ],
 )
 def test_validation_errors_name_the_key(raw, key):

@@ -38,34 +38,38 @@ def torchrun(*args, nproc=2, env=None):
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     runs = {}
-    for mode in ("exact", "release"):
-        out = tmp_path_factory.mktemp(mode)
+    for mode in ("exact", "release", "exact+small"):
+        out = tmp_path_factory.mktemp(mode.replace("+", "-"))
         torchrun(HERE / "dist_worker.py", out, mode, STEPS)
         runs[mode] = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     return runs
 
 
-@pytest.mark.parametrize("mode", ["exact", "release"])
+@pytest.mark.parametrize("mode", ["exact", "release", "exact+small"])
 def test_losses_and_weak_labels_match_one_process(two_process_runs, mode):
     single = dist_worker.run(mode, STEPS)
     ranks = two_process_runs[mode]
     # Only the first step starts from the same weights in both modes.
-    steps = range(STEPS) if mode == "exact" else range(1)
+    steps = range(STEPS) if mode.startswith("exact") else range(1)
+    keys = ["loss", "instance_loss", "graph_loss", "components", "precision"]
+    if mode.endswith("small"):
+        keys += ["small_instance_loss", "small_graph_loss"]
     for k in steps:
         ref = single["history"][k]
         for rank in ranks:
             got = rank["history"][k]
-            for key in ("loss", "instance_loss", "graph_loss", "components", "precision"):
+            for key in keys:
                 assert got[key].item() == pytest.approx(ref[key].item(), abs=1e-9), (k, key)
             # Every process holds the labels of the whole global batch, the same as one process.
             assert torch.equal(got["labels1"], ref["labels1"])
             assert torch.equal(got["labels2"], ref["labels2"])
 
 
-def test_exact_mode_gives_the_same_parameter_updates(two_process_runs):
-    single = dist_worker.run("exact", STEPS)["params"]
-    initial = dist_worker.run("exact", 0)["params"]
-    for rank in two_process_runs["exact"]:
+@pytest.mark.parametrize("mode", ["exact", "exact+small"])
+def test_exact_mode_gives_the_same_parameter_updates(two_process_runs, mode):
+    single = dist_worker.run(mode, STEPS)["params"]
+    initial = dist_worker.run(mode, 0)["params"]
+    for rank in two_process_runs[mode]:
         moved = 0
         for key, ref in single.items():
             got = rank["params"][key]

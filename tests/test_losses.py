@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from wcl import losses
 from wcl.graph import weak_labels
-from wcl.losses import instance_loss, supervised_contrastive_loss, weak_label_loss
+from wcl.losses import (
+    instance_loss,
+    small_crop_instance_loss,
+    small_crop_knn_loss,
+    supervised_contrastive_loss,
+    weak_label_loss,
+)
 
 
 def unit_rows(n, d, seed):
@@ -160,7 +166,9 @@ def test_log_denominators_in_row_blocks_match_plain_autograd(monkeypatch, block)
     )
 
 
-@pytest.mark.parametrize("loss", ["supervised", "weak_label", "instance"])
+@pytest.mark.parametrize(
+    "loss", ["supervised", "weak_label", "instance", "small_knn", "small_instance"]
+)
 def test_gradients_are_bitwise_reproducible_on_several_threads(loss):
     """Run-to-run identical gradients with many samples per label on 2+ CPU threads.
     Indexing a per-label tensor by each anchor's label (``t[labels]``) has a backward
@@ -174,6 +182,9 @@ def test_gradients_are_bitwise_reproducible_on_several_threads(loss):
         "supervised": lambda x: supervised_contrastive_loss(x, x, labels, 0.1),
         "weak_label": lambda x: weak_label_loss(x, q, 0.1),
         "instance": lambda x: instance_loss(x, q, 0.1),
+        # Gradients into the candidates: they gather rows (own image, neighbours) per crop.
+        "small_knn": lambda x: small_crop_knn_loss(q, (x, x.flip(0)), 128, 0.1, k=3),
+        "small_instance": lambda x: small_crop_instance_loss(q, (x, x.flip(0)), 128, 0.1),
     }
 
     def grad() -> torch.Tensor:
@@ -188,3 +199,71 @@ def test_gradients_are_bitwise_reproducible_on_several_threads(loss):
         assert all(torch.equal(first, grad()) for _ in range(10))
     finally:
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- multi-crop
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def small_crop_losses_by_hand(small, views, b, t, offset, k):
+    """Both multi-crop losses written out with loops: crop c of local image i is row
+    c * b + i of ``small``; its image is row offset + i of each full-size view. Instance:
+    -log p(own image). kNN: positives = own image + the k other rows most similar to the
+    crop (found by sorting here), -mean log p over them. Means over crops and views."""
+    small = small.tolist()
+    inst = knn = 0.0
+    for view in views:
+        rows = view.tolist()
+        for a, crop in enumerate(small):
+            own = offset + a % b
+            sims = [dot(crop, r) / t for r in rows]
+            log_z = math.log(sum(math.exp(s) for s in sims))
+            inst += log_z - sims[own]
+            others = sorted((j for j in range(len(rows)) if j != own), key=lambda j: -sims[j])
+            positives = [own, *others[:k]]
+            knn += sum(log_z - sims[j] for j in positives) / len(positives)
+    count = len(small) * len(views)
+    return inst / count, knn / count
+
+
+@pytest.mark.parametrize(("b", "offset", "k"), [(6, 0, 1), (3, 3, 2), (2, 4, 0)])
+def test_small_crop_losses_formula(b, offset, k):
+    """3 small crops of b local images against two full-size views of a global batch of 6,
+    the local images at rows offset..offset+b."""
+    small = unit_rows(3 * b, 5, 20)
+    views = (unit_rows(6, 5, 21), unit_rows(6, 5, 22))
+    inst_want, knn_want = small_crop_losses_by_hand(small, views, b, 0.2, offset, k)
+    inst = small_crop_instance_loss(small, views, b, 0.2, offset)
+    knn = small_crop_knn_loss(small, views, b, 0.2, offset, k)
+    assert inst.item() == pytest.approx(inst_want, abs=1e-12)
+    assert knn.item() == pytest.approx(knn_want, abs=1e-12)
+
+
+def test_small_crop_losses_gradcheck_and_split_batch():
+    """Gradients (crops and candidates) by gradcheck; local crops of 3 'processes' against
+    the global views average to one process holding every crop."""
+    small = unit_rows(6, 4, 23).requires_grad_()
+    views = [unit_rows(3, 4, 24).requires_grad_(), unit_rows(3, 4, 25).requires_grad_()]
+    assert torch.autograd.gradcheck(
+        lambda s, a, c: small_crop_instance_loss(s, (a, c), 3, 0.3), (small, *views)
+    )
+    assert torch.autograd.gradcheck(
+        lambda s, a, c: small_crop_knn_loss(s, (a, c), 3, 0.3, k=1), (small, *views)
+    )
+    crops = unit_rows(2 * 12, 6, 26).view(2, 12, 6)  # 2 crops of 12 images
+    full = (unit_rows(12, 6, 27), unit_rows(12, 6, 28))
+    for fn in (small_crop_instance_loss, lambda *a: small_crop_knn_loss(*a, k=2)):
+        whole = fn(crops.flatten(0, 1), full, 12, 0.1, 0)
+        parts = [fn(crops[:, o : o + 4].flatten(0, 1), full, 4, 0.1, o) for o in (0, 4, 8)]
+        assert torch.stack(parts).mean().item() == pytest.approx(whole.item(), abs=1e-12)
+
+
+def test_small_crop_losses_check_their_shapes():
+    small, views = unit_rows(7, 4, 29), (unit_rows(6, 4, 30),)
+    with pytest.raises(ValueError, match="7 small-crop rows are not a whole number of 3"):
+        small_crop_instance_loss(small, views, 3)
+    with pytest.raises(ValueError, match="k must be in"):
+        small_crop_knn_loss(unit_rows(6, 4, 29), views, 3, k=6)

@@ -7,7 +7,12 @@ import torchvision
 
 from wcl.backbones import build_backbone
 from wcl.graph import weak_label_stats, weak_labels
-from wcl.losses import instance_loss, weak_label_loss
+from wcl.losses import (
+    instance_loss,
+    small_crop_instance_loss,
+    small_crop_knn_loss,
+    weak_label_loss,
+)
 from wcl.model import WCL
 
 
@@ -86,3 +91,29 @@ def test_forward_has_no_value_dependent_host_code():
     x = torch.empty(16, 1, 28, 28, device="meta")
     out = model(x, x, torch.empty(16, dtype=torch.long, device="meta"))
     assert out["loss"].shape == ()
+
+
+@pytest.mark.parametrize("graph_weight", [0.5, 0.0])
+def test_forward_adds_the_small_crop_losses(graph_weight):
+    """Multi-crop: the small crops go through the network in one pass and add
+    small_weight * (instance + graph_weight * kNN) terms against the full-size views."""
+    model = tiny_wcl(temperature=0.2, graph_weight=graph_weight, small_k=2, small_weight=0.7)
+    x1, x2 = torch.randn(6, 1, 28, 28), torch.randn(6, 1, 28, 28)
+    small = torch.randn(3 * 6, 1, 12, 12)
+    out = model(x1, x2, small=small)
+    base = model(x1, x2)
+    z1, p1 = model.embed(x1)
+    z2, p2 = model.embed(x2)
+    zs, ps = model.embed(small)
+    small_inst = small_crop_instance_loss(zs, (z1, z2), 6, 0.2)
+    assert torch.allclose(out["small_instance_loss"], small_inst, atol=1e-6)
+    want = base["loss"] + 0.7 * small_inst
+    if graph_weight:
+        small_knn = small_crop_knn_loss(ps, (p1, p2), 6, 0.2, k=2)
+        assert torch.allclose(out["small_graph_loss"], small_knn, atol=1e-6)
+        want = want + 0.7 * graph_weight * small_knn
+    else:
+        assert "small_graph_loss" not in out
+    assert torch.allclose(out["loss"], want, atol=1e-6)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())

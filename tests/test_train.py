@@ -10,7 +10,7 @@ import torch
 import yaml
 from runkit import assert_same_weights, final_weights
 
-from wcl.checkpoint import CheckpointError, load_checkpoint
+from wcl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from wcl.cli import main
 from wcl.config import ConfigError, load_config
 from wcl.train import pretrain
@@ -105,6 +105,39 @@ def test_data_loader_workers_do_not_change_the_result(full_run, tmp_path):
     run = tmp_path / "workers"
     pretrain(tiny_config(run, "data.workers=2"))
     assert_same_weights(final_weights(run), final_weights(full_run))
+
+
+@pytest.mark.parametrize("mode", ["loader", "batch", "hybrid"])
+def test_multicrop_trains_and_resumes_exactly(full_run, tmp_path, mode):
+    """data.small_crops=2 (12 px, the default 28 * 96 / 224): the small crops' losses are
+    logged, a resumed run ends where an uninterrupted one does, and the run differs from
+    the two-view one."""
+    settings = (f"data.augment={mode}", "data.small_crops=2", "model.small_k=2")
+    first = tmp_path / "first"
+    pretrain(tiny_config(first, *settings))
+    rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    for key in ("small_instance_loss", "small_graph_loss"):
+        assert all(math.isfinite(r[key]) for r in rows if "loss" in r), key
+    resumed = tmp_path / "resumed"
+    pretrain(tiny_config(resumed, *settings), resume=str(first / "epoch-0001.pt"))
+    assert_same_weights(final_weights(resumed), final_weights(first))
+    if mode == "loader":
+        ours, two_views = final_weights(first), final_weights(full_run)
+        assert not torch.equal(ours["backbone.conv1.weight"], two_views["backbone.conv1.weight"])
+
+
+def test_checkpoints_from_before_a_config_key_existed_resume(full_run, tmp_path):
+    """A checkpoint whose saved config lacks keys added later (here the multi-crop ones)
+    resumes when the run uses their defaults, and is refused when it does not."""
+    old = load_checkpoint(full_run / "epoch-0001.pt")
+    for section, key in (("data", "small_crops"), ("data", "small_size"), ("model", "small_k")):
+        del old["config"][section][key]
+    save_checkpoint(old, tmp_path / "old.pt")
+    resumed = tmp_path / "resumed"
+    pretrain(tiny_config(resumed), resume=str(tmp_path / "old.pt"))
+    assert_same_weights(final_weights(resumed), final_weights(full_run))
+    with pytest.raises(CheckpointError, match="data.small_crops: 0 -> 2"):
+        pretrain(tiny_config(tmp_path / "x", "data.small_crops=2"), resume=str(tmp_path / "old.pt"))
 
 
 def test_simclr_baseline_and_cli(tmp_path, capsys):

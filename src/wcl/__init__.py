@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from wcl.graph import weak_label_stats, weak_labels
-    from wcl.losses import instance_loss, supervised_contrastive_loss, weak_label_loss
+    from wcl.losses import (
+        instance_loss,
+        small_crop_instance_loss,
+        small_crop_knn_loss,
+        supervised_contrastive_loss,
+        weak_label_loss,
+    )
     from wcl.model import WCL, projection_head
     from wcl.optim import LARS
 
@@ -22,6 +28,8 @@ _HOMES = {
     "projection_head": "wcl.model",
     "LARS": "wcl.optim",
     "instance_loss": "wcl.losses",
+    "small_crop_instance_loss": "wcl.losses",
+    "small_crop_knn_loss": "wcl.losses",
     "supervised_contrastive_loss": "wcl.losses",
     "weak_label_loss": "wcl.losses",
     "weak_label_stats": "wcl.graph",
@@ -32,6 +40,8 @@ __all__ = [
     "WCL",
     "instance_loss",
     "projection_head",
+    "small_crop_instance_loss",
+    "small_crop_knn_loss",
     "supervised_contrastive_loss",
     "weak_label_loss",
     "weak_label_stats",

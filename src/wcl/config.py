@@ -36,6 +36,7 @@ __all__ = [
     "apply_overrides",
     "config_changes",
     "flatten",
+    "small_crop_size",
 ]
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -62,6 +63,11 @@ class DataConfig:
     strong_min_scale: float = 0.08  # the same, strong pipeline
     jitter: float = 1.0  # multiplies the colour-jitter strengths
     blur_prob: float = 0.5  # Gaussian blur probability
+    # Multi-crop: extra low-resolution crops per image (0: off, the published two views)
+    small_crops: int = 0
+    small_size: int | None = None  # their size in pixels (None: image_size * 96 / 224)
+    small_min_scale: float = 0.05  # their RandomResizedCrop scale range (SwAV's)
+    small_max_scale: float = 0.14
 
 
 @dataclass
@@ -76,6 +82,8 @@ class ModelConfig:
     graph_k: int = 1  # neighbours per node in the weak-label graph
     gather: str = "exact"  # exact | release (negatives from other processes without grad)
     sync_bn: bool = True  # SyncBatchNorm when several processes
+    small_k: int = 1  # multi-crop: nearest neighbours taken as a small crop's extra positives
+    small_weight: float = 1.0  # multi-crop: weight of the small crops' losses
 
 
 @dataclass
@@ -156,6 +164,7 @@ POSITIVE = [
     "train.knn_bank",
     "train.knn_queries",
     "data.jitter",
+    "data.small_size",
 ]
 NON_NEGATIVE = [
     "data.workers",
@@ -167,8 +176,18 @@ NON_NEGATIVE = [
     "optim.trust_coefficient",
     "optim.warmup_epochs",
     "data.blur_prob",
+    "data.small_crops",
+    "model.small_k",
+    "model.small_weight",
 ]
-UNIT_INTERVAL = ("data.weak_min_scale", "data.strong_min_scale", "data.blur_prob", "optim.momentum")
+UNIT_INTERVAL = (
+    "data.weak_min_scale",
+    "data.strong_min_scale",
+    "data.blur_prob",
+    "optim.momentum",
+    "data.small_min_scale",
+    "data.small_max_scale",
+)
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
@@ -245,6 +264,8 @@ def validate(cfg: Config) -> None:
             f"'model.graph_k' ({cfg.model.graph_k}) must be smaller than the global batch "
             f"'train.batch_size' ({cfg.train.batch_size})"
         )
+    if cfg.data.small_crops:
+        _validate_multicrop(cfg)
     if cfg.optim.warmup_epochs > cfg.train.epochs:
         raise ConfigError(
             f"'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds 'train.epochs' "
@@ -271,6 +292,36 @@ def validate(cfg: Config) -> None:
         raise ConfigError("'data.root' must name the image folder when 'data.dataset' is 'folder'")
     if cfg.data.root and not cfg.data.download and not Path(cfg.data.root).exists():
         raise ConfigError(f"'data.root' {cfg.data.root!r} does not exist")
+
+
+def small_crop_size(data: DataConfig) -> int:
+    """Side of the multi-crop small crops in pixels: ``data.small_size``, or by default
+    the ratio of SwAV's 96 px crops to 224 px ones (at least 1)."""
+    if data.small_size is not None:
+        return data.small_size
+    return max(1, round(data.image_size * 96 / 224))
+
+
+def _validate_multicrop(cfg: Config) -> None:
+    d = cfg.data
+    if not 0 < d.small_min_scale <= d.small_max_scale:
+        raise ConfigError(
+            f"'data.small_min_scale' ({d.small_min_scale}) must be > 0 and at most "
+            f"'data.small_max_scale' ({d.small_max_scale})"
+        )
+    size = small_crop_size(d)
+    min_size = 8 if cfg.model.stem.startswith("small") else 32
+    if size < min_size:
+        raise ConfigError(
+            f"multi-crop small crops of {size} px ('data.small_size', default "
+            f"image_size * 96 / 224) are too small for stem {cfg.model.stem!r} "
+            f"(needs >= {min_size} px)"
+        )
+    if cfg.model.graph_weight > 0 and cfg.model.small_k >= cfg.train.batch_size:
+        raise ConfigError(
+            f"'model.small_k' ({cfg.model.small_k}) must be smaller than the global batch "
+            f"'train.batch_size' ({cfg.train.batch_size})"
+        )
 
 
 def flatten(config: dict[str, Any]) -> dict[str, Any]:

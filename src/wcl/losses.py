@@ -1,4 +1,5 @@
-"""WCL's two losses: instance discrimination (NT-Xent) and the swapped weak-label loss.
+"""WCL's two losses: instance discrimination (NT-Xent) and the swapped weak-label loss,
+and their multi-crop counterparts for the extra low-resolution crops.
 
 Both take the *local* anchors of this process and, optionally, the *global* candidates
 gathered from every process (``wcl.dist.gather``), with ``offset`` the row where this
@@ -10,12 +11,20 @@ they are stable when the network runs under bf16 autocast.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 
 from wcl.graph import weak_labels
 
-__all__ = ["instance_loss", "supervised_contrastive_loss", "weak_label_loss"]
+__all__ = [
+    "instance_loss",
+    "supervised_contrastive_loss",
+    "weak_label_loss",
+    "small_crop_instance_loss",
+    "small_crop_knn_loss",
+    "nearest_candidates",
+]
 
 
 def _float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -35,11 +44,13 @@ LOGIT_BLOCK_ELEMENTS = 1 << 24
 
 
 def _logits_block(
-    scaled: torch.Tensor, candidates: torch.Tensor, self_col: torch.Tensor, start: int
+    scaled: torch.Tensor, candidates: torch.Tensor, self_col: torch.Tensor | None, start: int
 ) -> torch.Tensor:
     """Rows [start, start + len(scaled)) of scaled anchors @ candidates.T, with each row's
-    own column (``self_col``) at -inf."""
+    own column (``self_col``; None: no such column) at -inf."""
     logits = scaled @ candidates.T
+    if self_col is None:
+        return logits
     # A fill kernel, not torch.tensor(...): a host-to-device copy would synchronise on CUDA.
     minus_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
     rows = torch.arange(len(scaled), device=scaled.device)
@@ -86,10 +97,14 @@ class _LogSumExpWithoutSelf(torch.autograd.Function):
 
 
 def _log_denominators(
-    anchors: torch.Tensor, candidates: torch.Tensor, self_col: torch.Tensor, temperature: float
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    self_col: torch.Tensor | None,
+    temperature: float,
 ) -> torch.Tensor:
     """log sum_{j != self_col[i]} exp(anchors_i . candidates_j / temperature): (a,), with
-    gradients, in O(block) extra memory (see _LogSumExpWithoutSelf)."""
+    gradients, in O(block) extra memory (see _LogSumExpWithoutSelf). ``self_col`` None:
+    every candidate counts (anchors that are not themselves candidates)."""
     return _LogSumExpWithoutSelf.apply(anchors, candidates, self_col, temperature)
 
 
@@ -190,3 +205,97 @@ def weak_label_loss(
     loss1 = supervised_contrastive_loss(p1, p1_all, labels2, temperature, offset)
     loss2 = supervised_contrastive_loss(p2, p2_all, labels1, temperature, offset)
     return (loss1 + loss2) / 2
+
+
+# Multi-crop. The small crops of a batch arrive view-major: rows [c*b, (c+1)*b) of the
+# (V*b, d) embeddings are crop c of the b local images. A small crop is never a candidate:
+# it contrasts against the global batch's full-size views only, so V crops add V*b*N
+# logits per view instead of growing the N x N problem to (2 + V)N x (2 + V)N.
+
+
+def _small_crop_rows(num_small: int, b: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Global row of each small crop's own image: (V*b,) long, view-major."""
+    if b == 0 or num_small % b:
+        raise ValueError(f"{num_small} small-crop rows are not a whole number of {b}-image views")
+    return (torch.arange(b, device=device) + offset).repeat(num_small // b)
+
+
+def small_crop_instance_loss(
+    z_small: torch.Tensor,
+    candidates: Sequence[torch.Tensor],
+    b: int,
+    temperature: float = 0.1,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Instance discrimination of the small crops against each full-size view.
+
+    z_small: (V*b, d) L2-normalised ``g``-head embeddings of V small crops of the b local
+    images, view-major. candidates: the full-size views' global embeddings, each (N, d)
+    with the local images at rows [offset, offset + b). For crop c of image i and each
+    candidate set Z: -log softmax_j(z_ci . Z_j / t) at j = image i (one positive, N - 1
+    negatives). Mean over the V*b crops and the candidate sets.
+    """
+    with _no_autocast(z_small.device):
+        (z_small,) = _float32(z_small)
+        own = _small_crop_rows(len(z_small), b, offset, z_small.device)
+        terms = []
+        for z_all in _float32(*candidates):
+            positive_logit = (z_small * z_all.index_select(0, own)).sum(dim=1) / temperature
+            terms.append(_log_denominators(z_small, z_all, None, temperature) - positive_logit)
+        return torch.stack(terms).mean()
+
+
+def nearest_candidates(
+    anchors: torch.Tensor, candidates: torch.Tensor, own: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The k candidate rows most similar to each anchor by dot product, never its ``own``
+    row: (a, k) long. anchors (a, d), candidates (N, d), own (a,) long; no gradient."""
+    n = candidates.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"small-crop k must be in [1, N-1] = [1, {n - 1}], got k={k}")
+    block = max(1, LOGIT_BLOCK_ELEMENTS // n)
+    found = []
+    with torch.no_grad():
+        for start in range(0, len(anchors), block):
+            rows = slice(start, start + block)
+            sim = anchors[rows] @ candidates.T
+            # A fill kernel, not a Python float: no host-to-device copy on CUDA.
+            minus_inf = torch.full((), float("-inf"), dtype=sim.dtype, device=sim.device)
+            sim.index_put_((torch.arange(len(sim), device=sim.device), own[rows]), minus_inf)
+            found.append(sim.topk(k, dim=1, sorted=True).indices)
+    return torch.cat(found)
+
+
+def small_crop_knn_loss(
+    p_small: torch.Tensor,
+    candidates: Sequence[torch.Tensor],
+    b: int,
+    temperature: float = 0.1,
+    offset: int = 0,
+    k: int = 1,
+) -> torch.Tensor:
+    """Weak-label loss of the small crops, positives chosen by kNN.
+
+    p_small: (V*b, d) L2-normalised ``phi``-head embeddings of V small crops of the b local
+    images, view-major; candidates: the full-size views' global ``phi`` embeddings, each
+    (N, d), the local images at rows [offset, offset + b). For crop c of image i and each
+    candidate set P, the positives are image i itself and the k other rows of P nearest
+    to the crop (dot product, no gradient; k=0: image i alone):
+    loss_ci = -mean_{j in positives} (s_cij - logsumexp_m s_cim), s = p_ci . P / t.
+    Mean over the V*b crops and the candidate sets.
+    """
+    with _no_autocast(p_small.device):
+        (p_small,) = _float32(p_small)
+        own = _small_crop_rows(len(p_small), b, offset, p_small.device)
+        terms = []
+        for p_all in _float32(*candidates):
+            positives = own[:, None]
+            if k:
+                positives = torch.cat([positives, nearest_candidates(p_small, p_all, own, k)], 1)
+            # index_select (backward: index_add_), not p_all[positives]: see
+            # supervised_contrastive_loss on reproducible gradients.
+            positive_sum = p_all.index_select(0, positives.flatten()).view(*positives.shape, -1)
+            positive_logit = (p_small * positive_sum.sum(dim=1)).sum(dim=1) / temperature
+            log_denominator = _log_denominators(p_small, p_all, None, temperature)
+            terms.append(log_denominator - positive_logit / (k + 1))
+        return torch.stack(terms).mean()

@@ -8,7 +8,12 @@ from torch import nn
 
 from wcl import dist
 from wcl.graph import weak_label_stats, weak_labels
-from wcl.losses import instance_loss, weak_label_loss
+from wcl.losses import (
+    instance_loss,
+    small_crop_instance_loss,
+    small_crop_knn_loss,
+    weak_label_loss,
+)
 
 __all__ = ["WCL", "projection_head"]
 
@@ -37,6 +42,12 @@ class WCL(nn.Module):
     ``precision`` (fraction of weak positive pairs that share a true class), and the weak
     labels themselves, ``labels1`` and ``labels2`` (N,) long over the global batch.
     graph_weight 0 is plain SimCLR (the ``phi`` head then gets no gradient).
+
+    Multi-crop: ``small`` (V*B, C, h, w), V extra low-resolution crops of the same B
+    images, view-major (rows [c*B, (c+1)*B) are crop c), go through the network in one
+    pass and add ``small_weight * (small_instance_loss + graph_weight * small_graph_loss)``
+    (``wcl.losses.small_crop_instance_loss`` and ``small_crop_knn_loss`` with
+    ``small_k`` nearest neighbours as extra positives) to ``loss``.
     Nothing in forward synchronises with the host (k=1).
     """
 
@@ -50,6 +61,8 @@ class WCL(nn.Module):
         graph_weight: float = 1.0,
         k: int = 1,
         gather_mode: str = "exact",
+        small_k: int = 1,
+        small_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -60,6 +73,8 @@ class WCL(nn.Module):
         self.graph_weight = graph_weight
         self.k = k
         self.gather_mode = gather_mode
+        self.small_k = small_k
+        self.small_weight = small_weight
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """L2-normalised (z, p) of one view: (B, out_dim) each; p is None without phi."""
@@ -68,7 +83,11 @@ class WCL(nn.Module):
         return F.normalize(self.g(h), dim=1), p
 
     def forward(
-        self, x1: torch.Tensor, x2: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        small: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         # One pass per view keeps BatchNorm statistics per view, as SimCLR and the release do.
         z1, p1 = self.embed(x1)
@@ -101,4 +120,17 @@ class WCL(nn.Module):
         else:
             out["graph_loss"] = torch.zeros((), device=x1.device)
         out["loss"] = out["instance_loss"] + self.graph_weight * out["graph_loss"]
+        if small is not None:
+            b = len(x1)
+            zs, ps = self.embed(small)
+            out["small_instance_loss"] = small_crop_instance_loss(
+                zs, (z1_all, z2_all), b, self.temperature, offset
+            )
+            small_loss = out["small_instance_loss"]
+            if self.phi is not None:
+                out["small_graph_loss"] = small_crop_knn_loss(
+                    ps, (p1_all, p2_all), b, self.temperature, offset, self.small_k
+                )
+                small_loss = small_loss + self.graph_weight * out["small_graph_loss"]
+            out["loss"] = out["loss"] + self.small_weight * small_loss
         return out

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from wcl import dist
 from wcl.backbones import build_backbone
 from wcl.checkpoint import set_rng_state
-from wcl.config import Config, ConfigError
+from wcl.config import Config, ConfigError, small_crop_size
 from wcl.data import (
     build_dataset,
     dataset_stats,
@@ -64,12 +64,15 @@ def build_model(cfg: Config) -> WCL:
         graph_weight=m.graph_weight,
         k=m.graph_k,
         gather_mode=m.gather,
+        small_k=m.small_k,
+        small_weight=m.small_weight,
     )
 
 
 def _training_data(cfg: Config, run_dir: Path) -> tuple[TrainingViews, list[str]]:
-    """The training set as two augmented views per image (made where ``data.augment``
-    says: see ``wcl.data.views``), and its class names ([] if unlabelled).
+    """The training set as two augmented views per image, plus ``data.small_crops``
+    low-resolution ones (made where ``data.augment`` says: see ``wcl.data.views``), and its
+    class names ([] if unlabelled).
 
     Unreadable images in a folder data set are replaced by the next readable one and
     listed in ``run_dir/skipped.jsonl``; a data set with no readable image is an error
@@ -88,7 +91,8 @@ def _training_data(cfg: Config, run_dir: Path) -> tuple[TrainingViews, list[str]
     views = TrainingViews(
         dataset, d.augment, d.image_size, mean, std, weak_min_scale=d.weak_min_scale,
         strong_min_scale=d.strong_min_scale, jitter=d.jitter, blur_prob=d.blur_prob,
-        seed=cfg.train.seed,
+        seed=cfg.train.seed, small_crops=d.small_crops, small_size=small_crop_size(d),
+        small_scale=(d.small_min_scale, d.small_max_scale),
     )  # fmt: skip
     return views, classes
 
@@ -275,14 +279,14 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
             for loaded in bar:
                 lr = lr_at(state.step, peak_lr, warmup_steps, total_steps, cfg.optim.final_lr)
                 set_lr(optimizer, lr)
-                x1, x2, targets = views.make(loaded, device, memory_format)
+                x1, x2, targets, small = views.make(loaded, device, memory_format)
                 targets = targets.to(device, non_blocking=True) if labelled else None
                 with torch.autocast(
                     device.type,
                     dtype=autocast_dtype or torch.float32,
                     enabled=autocast_dtype is not None,
                 ):
-                    out = net(x1, x2, targets)
+                    out = net(x1, x2, targets, small)
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if cfg.train.nonfinite == "skip" and not _gradients_finite(model):

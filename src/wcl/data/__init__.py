@@ -44,7 +44,7 @@ from wcl.data.folder import (
     read_skip_log,
     unwrap_image_folder,
 )
-from wcl.data.seeds import sample_seed, two_view_seeds
+from wcl.data.seeds import sample_seed, two_view_seeds, view_seeds
 
 __all__ = [
     "WithIndex",
@@ -84,6 +84,7 @@ __all__ = [
     "sample_seed",
     "strong_pipeline",
     "two_view_seeds",
+    "view_seeds",
     "unwrap_image_folder",
     "weak_pipeline",
 ]

@@ -166,15 +166,17 @@ def weak_pipeline(
     min_scale: float = 0.2,
     jitter: float = 1.0,
     blur_prob: float = 0.5,
+    max_scale: float = 1.0,
 ) -> v2.Compose:
-    """MoCo v2 augmentation: crop (scale min_scale..1), jitter 0.4/0.4/0.4/0.1, grey, blur, flip.
+    """MoCo v2 augmentation: crop (scale min_scale..max_scale), jitter 0.4/0.4/0.4/0.1, grey,
+    blur, flip.
 
     ``jitter`` multiplies the colour-jitter strengths (0 disables jitter).
     """
     channels = _check_stats(mean, std)
     return v2.Compose(
         [
-            v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
+            v2.RandomResizedCrop(size, scale=(min_scale, max_scale), antialias=True),
             v2.ToDtype(torch.float32, scale=True),
             *_colour_ops(channels, jitter, WEAK_JITTER),
             *_blur_ops(size, blur_prob),
@@ -192,15 +194,17 @@ def strong_pipeline(
     min_scale: float = 0.08,
     jitter: float = 1.0,
     blur_prob: float = 0.5,
+    max_scale: float = 1.0,
 ) -> v2.Compose:
-    """SimCLR augmentation: crop (scale min_scale..1), flip, jitter 0.8/0.8/0.8/0.2, grey, blur.
+    """SimCLR augmentation: crop (scale min_scale..max_scale), flip, jitter 0.8/0.8/0.8/0.2,
+    grey, blur.
 
     ``jitter`` multiplies the colour-jitter strengths (0 disables jitter).
     """
     channels = _check_stats(mean, std)
     return v2.Compose(
         [
-            v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
+            v2.RandomResizedCrop(size, scale=(min_scale, max_scale), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.ToDtype(torch.float32, scale=True),
             *_colour_ops(channels, jitter, STRONG_JITTER),
@@ -227,29 +231,51 @@ def eval_pipeline(
 class TwoViews(Dataset):
     """Wrap a ``(uint8 image, target)`` dataset to return ``(view1, view2, target)``.
 
-    Both views come from ``transform`` with different random draws. The randomness of sample
-    ``i`` depends only on ``(seed, epoch, i)``, so results do not depend on worker count,
-    sampling order or resumption, and the caller's global RNG state is left untouched.
+    Both views come from ``transform`` with different random draws. With ``small_crops``
+    V > 0 (multi-crop) it returns ``(view1, view2, small, target)``, ``small`` the V views
+    of ``small_transform`` stacked ``(V, C, h, w)``, drawn after the two views (which stay
+    the same as without them). The randomness of sample ``i`` depends only on
+    ``(seed, epoch, i)``, so results do not depend on worker count, sampling order or
+    resumption, and the caller's global RNG state is left untouched.
     ``set_epoch`` must reach the copy of this object that workers use: with
     ``persistent_workers=True`` the workers keep the epoch they were created with.
     """
 
-    def __init__(self, base: Dataset, transform: Transform, seed: int = 0) -> None:
+    def __init__(
+        self,
+        base: Dataset,
+        transform: Transform,
+        seed: int = 0,
+        *,
+        small_transform: Transform | None = None,
+        small_crops: int = 0,
+    ) -> None:
+        if small_crops and small_transform is None:
+            raise ValueError(f"small_crops={small_crops} needs a small_transform")
         self.base = base
         self.transform = transform
+        self.small_transform = small_transform
+        self.small_crops = small_crops
         self.seed = seed
         self.epoch = 0
 
-    def set_epoch(self, epoch: int, transform: Transform | None = None) -> None:
-        """Select the epoch (and optionally swap the pipeline, e.g. for a strength schedule)."""
+    def set_epoch(
+        self,
+        epoch: int,
+        transform: Transform | None = None,
+        small_transform: Transform | None = None,
+    ) -> None:
+        """Select the epoch (and optionally swap the pipelines, e.g. for a strength schedule)."""
         self.epoch = epoch
         if transform is not None:
             self.transform = transform
+        if small_transform is not None:
+            self.small_transform = small_transform
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
@@ -261,7 +287,10 @@ class TwoViews(Dataset):
             torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
             view1 = self.transform(image)
             view2 = self.transform(image)
-        return view1, view2, target
+            if not self.small_crops:
+                return view1, view2, target
+            small = [self.small_transform(image) for _ in range(self.small_crops)]  # type: ignore[misc]
+        return view1, view2, torch.stack(small), target
 
 
 class WithIndex(Dataset):

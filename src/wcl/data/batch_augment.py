@@ -332,12 +332,12 @@ def _strengths(base: tuple[float, float, float, float], jitter: float) -> tuple[
     return (b, c, s, min(h, 0.5))
 
 
-def _batch_pipeline(size, mean, std, min_scale, jitter, blur_prob, antialias, base):
+def _batch_pipeline(size, mean, std, min_scale, max_scale, jitter, blur_prob, antialias, base):
     return BatchAugment(
         size,
         mean,
         std,
-        scale=(min_scale, 1.0),
+        scale=(min_scale, max_scale),
         strengths=_strengths(base, jitter),  # type: ignore[arg-type]
         blur_prob=blur_prob,
         antialias=antialias,
@@ -353,9 +353,12 @@ def batch_weak_pipeline(
     jitter: float = 1.0,
     blur_prob: float = 0.5,
     antialias: bool = True,
+    max_scale: float = 1.0,
 ) -> BatchAugment:
     """Batched :func:`~wcl.data.augment.weak_pipeline` (MoCo v2): same parameters and meaning."""
-    return _batch_pipeline(size, mean, std, min_scale, jitter, blur_prob, antialias, WEAK_JITTER)
+    return _batch_pipeline(
+        size, mean, std, min_scale, max_scale, jitter, blur_prob, antialias, WEAK_JITTER
+    )
 
 
 def batch_strong_pipeline(
@@ -367,6 +370,9 @@ def batch_strong_pipeline(
     jitter: float = 1.0,
     blur_prob: float = 0.5,
     antialias: bool = True,
+    max_scale: float = 1.0,
 ) -> BatchAugment:
     """Batched :func:`~wcl.data.augment.strong_pipeline` (SimCLR): same parameters and meaning."""
-    return _batch_pipeline(size, mean, std, min_scale, jitter, blur_prob, antialias, STRONG_JITTER)
+    return _batch_pipeline(
+        size, mean, std, min_scale, max_scale, jitter, blur_prob, antialias, STRONG_JITTER
+    )

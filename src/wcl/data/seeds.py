@@ -2,7 +2,7 @@
 
 The per-image pipelines (:class:`~wcl.data.augment.TwoViews`) seed torch's generator per
 sample with :func:`sample_seed`; the batched ones (:class:`~wcl.data.batch_augment.BatchAugment`)
-take each view's seed from :func:`two_view_seeds` and draw its parameters with
+take each view's seed from :func:`view_seeds` and draw its parameters with
 :func:`uniforms`, SplitMix64 vectorised over the batch in NumPy (it runs on the host every
 step). Either way a sample's views do not depend on its batch, its position, the worker
 count, the number of processes or resumption.
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["sample_seed", "two_view_seeds", "uniforms"]
+__all__ = ["sample_seed", "two_view_seeds", "uniforms", "view_seeds"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -50,21 +50,28 @@ def _hash64(*parts: np.ndarray | int) -> np.ndarray:
     return state
 
 
-def two_view_seeds(
-    seed: int, epoch: int, indices: torch.Tensor | Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample seeds of view 1 and view 2, each int64 ``(B,)``, for dataset ``indices``.
+def view_seeds(
+    seed: int, epoch: int, indices: torch.Tensor | Sequence[int], count: int
+) -> list[torch.Tensor]:
+    """Per-sample seeds of views 1..count, each int64 ``(B,)``, for dataset ``indices``.
 
-    Both are pure functions of ``(seed, epoch, index)``: a hash of the three plus 1 or 2
-    times an odd constant, mixed by a bijection, so the two views of a sample always differ.
-    Vectorised (no per-sample Python), since it runs on the host every training step.
-    Seeds are 64-bit patterns stored as (possibly negative) int64.
+    Each is a pure function of ``(seed, epoch, index, view)``: a hash of the first three
+    plus ``view`` times an odd constant, mixed by a bijection, so the views of a sample
+    always differ. Vectorised (no per-sample Python), since it runs on the host every
+    training step. Seeds are 64-bit patterns stored as (possibly negative) int64.
     """
     index = torch.as_tensor(indices, dtype=torch.int64).cpu().numpy().astype(np.uint64)
     base = _hash64(seed % 2**64, epoch % 2**64, index)
     with np.errstate(over="ignore"):
-        views = [_splitmix64(base + np.uint64(v) * _GOLDEN) for v in (1, 2)]
-    view1, view2 = (torch.from_numpy(v.view(np.int64).copy()) for v in views)
+        views = [_splitmix64(base + np.uint64(v) * _GOLDEN) for v in range(1, count + 1)]
+    return [torch.from_numpy(v.view(np.int64).copy()) for v in views]
+
+
+def two_view_seeds(
+    seed: int, epoch: int, indices: torch.Tensor | Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample seeds of view 1 and view 2: the first two of :func:`view_seeds`."""
+    view1, view2 = view_seeds(seed, epoch, indices, 2)
     return view1, view2
 
 
