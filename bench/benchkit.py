@@ -37,3 +37,14 @@ def run_fresh(script: str, *args: str) -> dict:
     done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
                           check=True)  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_of_fresh_runs(script: str, variants: list[list[str]], rounds: int, key: str) -> list:
+    """For each argument list in ``variants``, the run (a :func:`run_fresh` result) with the
+    median ``key`` over ``rounds`` rounds. The variants alternate within a round, so that
+    drift in the machine's load falls on all of them alike."""
+    runs: list[list[dict]] = [[] for _ in variants]
+    for _ in range(rounds):
+        for found, args in zip(runs, variants, strict=True):
+            found.append(run_fresh(script, *args))
+    return [sorted(found, key=lambda r: r[key])[len(found) // 2] for found in runs]

@@ -18,7 +18,9 @@ writes them to $OUT/gpu.jsonl (or runs/bench/gpu.jsonl):
 7. the whole step, ours against the release's way (bench/train_step.py's: weak labels
    through the host and SciPy, a dense mask), at batch 128;
 8. the batched blur on the device at 224 px: the depthwise convolutions BatchAugment uses
-   there against the shifted sums it uses on CPUs (which read sigma on the host).
+   there against the shifted sums it uses on CPUs (which read sigma on the host);
+9. multi-crop: the WCL step with 6 extra 96 px crops (``data.small_crops=6``) against the
+   two-view step, and host synchronisations in it (as in 1).
 ``--quick`` runs only 1 and 2 at batch 128. ``--dry-run`` runs every part on the CPU with
 a tiny network, batch and image size, to catch mistakes before spending device time
 (tests/test_bench_gpu.py runs it).
@@ -72,9 +74,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def wcl_step_fn(s: dict, batch: int, compile_backbone: bool = False, release: bool = False):
+def wcl_step_fn(
+    s: dict,
+    batch: int,
+    compile_backbone: bool = False,
+    release: bool = False,
+    small_crops: int = 0,
+):
     """One WCL training step; ``release``: the release's way (labels through the host and
-    SciPy, a dense mask, ``release`` gather), as bench/train_step.py defines it."""
+    SciPy, a dense mask, ``release`` gather), as bench/train_step.py defines it;
+    ``small_crops``: multi-crop with that many crops of 96/224 the size per image."""
     device = torch.device(s["device"])
     backbone = build_backbone(s["arch"])
     model = WCL(backbone, s["dim"], s["hidden"], 256, gather_mode="release" if release else "exact")
@@ -85,10 +94,16 @@ def wcl_step_fn(s: dict, batch: int, compile_backbone: bool = False, release: bo
     x1 = torch.randn(batch, 3, s["size"], s["size"], device=device)
     x1 = x1.to(memory_format=torch.channels_last)
     x2 = torch.randn_like(x1)
+    small = None
+    if small_crops:
+        side = round(s["size"] * 96 / 224)
+        small = torch.randn(small_crops * batch, 3, side, side, device=device)
+        small = small.to(memory_format=torch.channels_last)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = release_forward(model, x1, x2) if release else model(x1, x2)["loss"]
+            out = release_forward(model, x1, x2) if release else model(x1, x2, small=small)
+            loss = out if release else out["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -127,24 +142,37 @@ def seconds_per_call(fn, s: dict) -> float:
     return (time.perf_counter() - start) / s["steps"]
 
 
-def check_syncs(s: dict, batch: int) -> None:
-    step = wcl_step_fn(s, batch)
+def syncs_in(step, s: dict) -> str:
+    """ "none", or the first host synchronisation that 5 calls of ``step`` make (CUDA only)."""
     for _ in range(3):
         step()
     if s["device"] != "cuda":  # the sync debug mode exists for CUDA only
-        report(check="host_syncs_in_wcl_step", batch=batch, syncs="not checked on cpu")
-        return
+        return "not checked on cpu"
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(5):
             step()
-        found = "none"
+        return "none"
     except RuntimeError as err:
-        found = str(err).splitlines()[0]
+        return str(err).splitlines()[0]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    report(check="host_syncs_in_wcl_step", batch=batch, syncs=found)
+
+
+def check_syncs(s: dict, batch: int) -> None:
+    report(check="host_syncs_in_wcl_step", batch=batch, syncs=syncs_in(wcl_step_fn(s, batch), s))
+
+
+def multicrop_cost(s: dict, batch: int, small_crops: int = 6) -> None:
+    """The multi-crop step against the two-view step on the same batch, and its syncs."""
+    two_views = seconds_per_call(wcl_step_fn(s, batch), s)
+    step = wcl_step_fn(s, batch, small_crops=small_crops)
+    multicrop = seconds_per_call(step, s)
+    report(check="multicrop_cost_r50", batch=batch, small_crops=small_crops,
+           small_size=round(s["size"] * 96 / 224), two_view_s=two_views,
+           multicrop_s=multicrop, cost_ratio=multicrop / two_views,
+           syncs=syncs_in(step, s))  # fmt: skip
 
 
 def peak_gib(s: dict) -> float:
@@ -256,6 +284,7 @@ def main() -> None:
         attempt(cifar_epoch, s)
         attempt(hybrid_device_share, s, batches[0])
         attempt(blur_kernels, s, batches[0])
+        attempt(multicrop_cost, s, batches[0])
         if not args.dry_run:  # compiling on the CPU takes minutes and tells nothing here
             # Last: compilation is the slowest and likeliest part to fail on a new machine.
             attempt(throughput, s, batches[0], compile_backbone=True)

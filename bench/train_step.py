@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from benchkit import run_fresh, save_results
+from benchkit import median_of_fresh_runs, save_results
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -90,13 +90,19 @@ def release_forward(model: WCL, x1: torch.Tensor, x2: torch.Tensor) -> torch.Ten
 PATHS = ("release", "ours", "ours-bf16")
 
 
-def run_one(model_name: str, path: str, steps: int) -> dict:
+def build(model_name: str, gather_mode: str = "exact") -> tuple[WCL, LARS]:
+    """A freshly seeded WCL of ``MODELS[model_name]`` and its LARS optimiser."""
     spec = MODELS[model_name]
     torch.manual_seed(0)
     backbone = build_backbone(spec["backbone"], spec["stem"], spec["channels"], spec["width"])
     model = WCL(backbone, backbone.feature_dim, spec["hidden"], spec["out"],
-                gather_mode="release" if path == "release" else "exact")  # fmt: skip
-    optimizer = LARS(param_groups(model, 1e-6), lr=0.1)
+                gather_mode=gather_mode)  # fmt: skip
+    return model, LARS(param_groups(model, 1e-6), lr=0.1)
+
+
+def run_one(model_name: str, path: str, steps: int) -> dict:
+    spec = MODELS[model_name]
+    model, optimizer = build(model_name, "release" if path == "release" else "exact")
     x1 = torch.randn(spec["batch"], spec["channels"], spec["size"], spec["size"])
     x2 = torch.randn_like(x1)
     times = []
@@ -125,18 +131,13 @@ def main() -> None:
         return
     rows = []
     for model_name in args.models:
-        runs = {path: [] for path in PATHS}
-        # Alternate the two paths over several rounds so that drift in the machine's load
-        # falls on both alike; keep the median round of each.
-        for _ in range(args.rounds):
-            for path in PATHS:
-                runs[path].append(
-                    run_fresh(__file__, "--steps", str(args.steps), "--one", model_name, path)
-                )
-        pair = {
-            path: sorted(found, key=lambda r: r["step_s"])[len(found) // 2]
-            for path, found in runs.items()
-        }
+        medians = median_of_fresh_runs(
+            __file__,
+            [["--steps", str(args.steps), "--one", model_name, path] for path in PATHS],
+            args.rounds,
+            "step_s",
+        )
+        pair = dict(zip(PATHS, medians, strict=True))
         release = pair["release"]
         row = {"model": model_name, **pair}
         for path in PATHS[1:]:
