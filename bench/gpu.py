@@ -20,7 +20,10 @@ writes them to $OUT/gpu.jsonl (or runs/bench/gpu.jsonl):
 8. the batched blur on the device at 224 px: the depthwise convolutions BatchAugment uses
    there against the shifted sums it uses on CPUs (which read sigma on the host);
 9. multi-crop: the WCL step with 6 extra 96 px crops (``data.small_crops=6``) against the
-   two-view step, and host synchronisations in it (as in 1).
+   two-view step, and host synchronisations in it (as in 1);
+10. bitwise reruns: two runs of 3 WCL steps from the same seed, with torch's default
+   algorithms and with ``train.deterministic`` (``wcl.run.deterministic_algorithms``):
+   whether each pair ends with identical parameters, and the step-time cost of the switch.
 ``--quick`` runs only 1 and 2 at batch 128. ``--dry-run`` runs every part on the CPU with
 a tiny network, batch and image size, to catch mistakes before spending device time
 (tests/test_bench_gpu.py runs it).
@@ -41,6 +44,7 @@ from wcl.data import batch_strong_pipeline, blur_kernel_size, two_view_seeds
 from wcl.data.batch_ops import depthwise_gaussian_blur, shifted_gaussian_blur
 from wcl.model import WCL
 from wcl.optim import LARS, param_groups
+from wcl.run import deterministic_algorithms
 
 RESULTS: list[dict] = []
 OUT_FILE = Path(os.environ.get("OUT", "runs/bench")) / "gpu.jsonl"
@@ -108,6 +112,7 @@ def wcl_step_fn(
         loss.backward()
         optimizer.step()
 
+    step.model = model  # for checks that compare the parameters after some steps
     return step
 
 
@@ -265,6 +270,26 @@ def blur_kernels(s: dict, batch: int) -> None:
            max_diff=max_diff)  # fmt: skip
 
 
+def bitwise_reruns(s: dict, batch: int, steps: int = 3) -> None:
+    """Two runs from the same seed: identical parameters after ``steps`` steps or not,
+    with the default algorithms and with only deterministic ones."""
+    found = {}
+    for deterministic in (False, True):
+        with deterministic_algorithms(deterministic):
+            states = []
+            for _ in range(2):
+                torch.manual_seed(0)
+                step = wcl_step_fn(s, batch)
+                for _ in range(steps):
+                    step()
+                states.append({k: v.clone() for k, v in step.model.state_dict().items()})
+            mode = "deterministic" if deterministic else "default"
+            found[f"{mode}_equal"] = all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+            found[f"{mode}_step_s"] = seconds_per_call(step, s)
+    found["deterministic_cost"] = found["deterministic_step_s"] / found["default_step_s"]
+    report(check="bitwise_reruns_r50", batch=batch, steps=steps, **found)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -285,6 +310,7 @@ def main() -> None:
         attempt(hybrid_device_share, s, batches[0])
         attempt(blur_kernels, s, batches[0])
         attempt(multicrop_cost, s, batches[0])
+        attempt(bitwise_reruns, s, batches[0])
         if not args.dry_run:  # compiling on the CPU takes minutes and tells nothing here
             # Last: compilation is the slowest and likeliest part to fail on a new machine.
             attempt(throughput, s, batches[0], compile_backbone=True)

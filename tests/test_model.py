@@ -14,6 +14,7 @@ from wcl.losses import (
     weak_label_loss,
 )
 from wcl.model import WCL
+from wcl.run import deterministic_algorithms
 
 
 def tiny_wcl(**kwargs) -> WCL:
@@ -117,3 +118,27 @@ def test_forward_adds_the_small_crop_losses(graph_weight):
     assert torch.allclose(out["loss"], want, atol=1e-6)
     out["loss"].backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_global_pool_is_torchvisions_on_the_cpu_in_both_modes():
+    """The backbone's pooling is AdaptiveAvgPool2d(1) to the bit on the CPU, with and
+    without deterministic mode (the plain-mean branch is for CUDA only)."""
+    pool = build_backbone("resnet10").avgpool
+    x = torch.randn(4, 8, 5, 7)
+    for deterministic in (False, True):
+        with deterministic_algorithms(deterministic):
+            assert torch.equal(pool(x), torch.nn.AdaptiveAvgPool2d(1)(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_backbone_trains_under_deterministic_mode_on_cuda():
+    """CUDA's adaptive-pooling backward raises under deterministic mode; the backbone's
+    pooling takes a plain mean there, equal to it up to rounding."""
+    net = build_backbone("resnet10", stem="small", width=8).cuda()
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with deterministic_algorithms(True):
+        out = net(x)
+        out.sum().backward()
+    with torch.no_grad():
+        reference = net(x)
+    torch.testing.assert_close(out.detach(), reference, atol=1e-5, rtol=1e-5)

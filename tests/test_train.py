@@ -13,6 +13,7 @@ from runkit import assert_same_weights, final_weights
 from wcl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from wcl.cli import main
 from wcl.config import ConfigError, load_config
+from wcl.model import WCL
 from wcl.train import pretrain
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fashion-idx"
@@ -138,6 +139,30 @@ def test_checkpoints_from_before_a_config_key_existed_resume(full_run, tmp_path)
     assert_same_weights(final_weights(resumed), final_weights(full_run))
     with pytest.raises(CheckpointError, match="data.small_crops: 0 -> 2"):
         pretrain(tiny_config(tmp_path / "x", "data.small_crops=2"), resume=str(tmp_path / "old.pt"))
+
+
+def test_deterministic_switch_trains_and_restores_the_setting(full_run, tmp_path, monkeypatch):
+    """train.deterministic: every step (here with multi-crop, so every op of ours) runs with
+    torch's deterministic algorithms only, an op without one would raise; the setting is
+    restored after. On the CPU our runs are bitwise reproducible already, so the switch
+    leaves the result as it was."""
+    seen = []
+    forward = WCL.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(WCL, "forward", spy)
+    assert not torch.are_deterministic_algorithms_enabled()
+    settings = ("data.small_crops=2", "train.epochs=2")
+    pretrain(tiny_config(tmp_path / "on", "train.deterministic=true", *settings))
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen.clear()
+    pretrain(tiny_config(tmp_path / "off", *settings))
+    assert seen and not any(seen)
+    assert_same_weights(final_weights(tmp_path / "on"), final_weights(tmp_path / "off"))
 
 
 def test_simclr_baseline_and_cli(tmp_path, capsys):

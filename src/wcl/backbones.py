@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-__all__ = ["BACKBONES", "STEMS", "build_backbone", "feature_dim"]
+__all__ = ["BACKBONES", "STEMS", "GlobalAvgPool", "build_backbone", "feature_dim"]
 
 # name -> (block, blocks per stage); the torchvision definitions, plus a shallow ResNet-10.
 BACKBONES = {
@@ -16,6 +18,18 @@ BACKBONES = {
     "resnet101": (Bottleneck, [3, 4, 23, 3]),
 }
 STEMS = ("imagenet", "small", "small-s2")
+
+
+class GlobalAvgPool(nn.Module):
+    """(B, C, H, W) -> (B, C, 1, 1), the mean over H and W: torchvision's
+    ``AdaptiveAvgPool2d(1)``, except on CUDA under torch's deterministic mode
+    (``train.deterministic``), where adaptive pooling's backward has no deterministic
+    kernel and raises; there it is a plain mean (the same up to rounding)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return x.mean(dim=(2, 3), keepdim=True)
+        return F.adaptive_avg_pool2d(x, 1)
 
 
 def _rebuild_stages(net: ResNet, block: type[nn.Module], layers: list[int], width: int) -> None:
@@ -62,6 +76,7 @@ def build_backbone(
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    net.avgpool = GlobalAvgPool()
     net.feature_dim = width * 8 * block.expansion
     net.fc = nn.Identity()
     return net

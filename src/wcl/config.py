@@ -107,6 +107,7 @@ class TrainConfig:
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
     channels_last: bool = True  # convolution layout, faster on GPUs and CPUs
+    deterministic: bool = False  # torch's deterministic algorithms only (bitwise GPU reruns)
     checkpoint_every: int = 10  # epochs; a checkpoint is always written at the end
     checkpoint_every_steps: int | None = None  # also refresh last.pt every N steps
     nonfinite: str = "stop"  # NaN/Inf loss or gradient: stop (error) | skip (drop the step)

@@ -6,6 +6,7 @@ the loop alone.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "amp_dtype",
     "check_run_dir",
     "cpu_has_native_bf16",
+    "deterministic_algorithms",
     "find_resume_checkpoint",
     "ignore_preemption_signals",
     "keep_epoch_copy",
@@ -56,7 +58,7 @@ MAY_CHANGE_ON_RESUME = {
     "data.root", "data.workers", "data.download", "train.out_dir", "train.device",
     "train.dist_backend", "train.checkpoint_every", "train.checkpoint_every_steps",
     "train.log_every", "train.threads", "train.knn_every", "train.knn_k", "train.knn_t",
-    "train.knn_bank", "train.knn_queries",
+    "train.knn_bank", "train.knn_queries", "train.deterministic",
 }  # fmt: skip
 
 
@@ -83,6 +85,29 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Inside, when ``enabled``: torch's deterministic algorithms only (an op without one
+    raises) and no cuDNN autotuning; the previous settings come back after. cuBLAS needs
+    ``CUBLAS_WORKSPACE_CONFIG`` before its first call, so it is set here unless it is set."""
+    if not enabled:
+        yield
+        return
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
 
 
 @dataclass

@@ -41,6 +41,7 @@ from wcl.run import (
     RunState,
     amp_dtype,
     check_run_dir,
+    deterministic_algorithms,
     find_resume_checkpoint,
     ignore_preemption_signals,
     keep_epoch_copy,
@@ -261,7 +262,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         dist.barrier()  # nobody exits before the checkpoint is complete
 
     skipped, batch = 0, cfg.train.batch_size
-    with PreemptionFlag() as preemption:
+    with deterministic_algorithms(cfg.train.deterministic), PreemptionFlag() as preemption:
         for epoch in range(state.epoch, cfg.train.epochs):
             state.epoch = epoch
             sampler.set_epoch(epoch)
