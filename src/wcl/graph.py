@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "nearest_neighbours",
+    "nearest_candidates",
     "row_argmax",
     "components_of_functional_graph",
     "weak_labels",
@@ -37,17 +38,31 @@ def nearest_neighbours(p: torch.Tensor, k: int = 1) -> torch.Tensor:
     n = p.shape[0]
     if n < 2:
         raise ValueError(f"weak labels need at least 2 rows, got {n}")
-    if not 1 <= k < n:
-        raise ValueError(f"k must be in [1, N-1] = [1, {n - 1}], got k={k}")
     # No symmetrisation pass: the components are found for any successor array, so a
     # matmul that rounds the two triangles differently cannot break the labelling.
-    # Row blocks bound the similarity buffer (1 GiB in one piece at N = 16384).
+    return nearest_candidates(p, p, torch.arange(n, device=p.device), k)
+
+
+def nearest_candidates(
+    anchors: torch.Tensor, candidates: torch.Tensor, own: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The k rows of ``candidates`` (N, d) most similar to each of ``anchors`` (a, d) by
+    dot product, never the anchor's ``own`` row (a,): (a, k) long, no gradient.
+
+    Row blocks bound the similarity buffer (1 GiB in one piece at a = N = 16384).
+    """
+    n = candidates.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, N-1] = [1, {n - 1}], got k={k}")
     block = max(1, SIMILARITY_BLOCK_ELEMENTS // n)
     found = []
     with torch.no_grad():
-        for start in range(0, n, block):
-            sim = p[start : start + block] @ p.T
-            sim.diagonal(offset=start).fill_(float("-inf"))  # entries (i, start + i): self
+        for start in range(0, len(anchors), block):
+            rows = slice(start, start + block)
+            sim = anchors[rows].detach() @ candidates.detach().T
+            # A fill kernel, not a Python float: no host-to-device copy on CUDA.
+            minus_inf = torch.full((), float("-inf"), dtype=sim.dtype, device=sim.device)
+            sim.index_put_((torch.arange(len(sim), device=sim.device), own[rows]), minus_inf)
             found.append(
                 sim.topk(k, dim=1, sorted=True).indices if k > 1 else row_argmax(sim)[:, None]
             )

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from wcl.graph import weak_labels
+from wcl.graph import nearest_candidates, weak_labels
 
 __all__ = [
     "instance_loss",
@@ -23,7 +23,6 @@ __all__ = [
     "weak_label_loss",
     "small_crop_instance_loss",
     "small_crop_knn_loss",
-    "nearest_candidates",
 ]
 
 
@@ -235,35 +234,8 @@ def small_crop_instance_loss(
     candidate set Z: -log softmax_j(z_ci . Z_j / t) at j = image i (one positive, N - 1
     negatives). Mean over the V*b crops and the candidate sets.
     """
-    with _no_autocast(z_small.device):
-        (z_small,) = _float32(z_small)
-        own = _small_crop_rows(len(z_small), b, offset, z_small.device)
-        terms = []
-        for z_all in _float32(*candidates):
-            positive_logit = (z_small * z_all.index_select(0, own)).sum(dim=1) / temperature
-            terms.append(_log_denominators(z_small, z_all, None, temperature) - positive_logit)
-        return torch.stack(terms).mean()
-
-
-def nearest_candidates(
-    anchors: torch.Tensor, candidates: torch.Tensor, own: torch.Tensor, k: int
-) -> torch.Tensor:
-    """The k candidate rows most similar to each anchor by dot product, never its ``own``
-    row: (a, k) long. anchors (a, d), candidates (N, d), own (a,) long; no gradient."""
-    n = candidates.shape[0]
-    if not 1 <= k < n:
-        raise ValueError(f"small-crop k must be in [1, N-1] = [1, {n - 1}], got k={k}")
-    block = max(1, LOGIT_BLOCK_ELEMENTS // n)
-    found = []
-    with torch.no_grad():
-        for start in range(0, len(anchors), block):
-            rows = slice(start, start + block)
-            sim = anchors[rows] @ candidates.T
-            # A fill kernel, not a Python float: no host-to-device copy on CUDA.
-            minus_inf = torch.full((), float("-inf"), dtype=sim.dtype, device=sim.device)
-            sim.index_put_((torch.arange(len(sim), device=sim.device), own[rows]), minus_inf)
-            found.append(sim.topk(k, dim=1, sorted=True).indices)
-    return torch.cat(found)
+    # The kNN loss with no neighbours: the own image is the only positive.
+    return small_crop_knn_loss(z_small, candidates, b, temperature, offset, k=0)
 
 
 def small_crop_knn_loss(
