@@ -53,13 +53,15 @@ def test_losses_and_weak_labels_match_one_process(two_process_runs, mode):
     steps = range(STEPS) if mode.startswith("exact") else range(1)
     keys = ["loss", "instance_loss", "graph_loss", "components", "precision"]
     if mode.endswith("small"):
-        keys += ["small_instance_loss", "small_graph_loss"]
+        keys += ["small_instance_loss", "small_graph_loss", "small_precision"]
     for k in steps:
         ref = single["history"][k]
         for rank in ranks:
             got = rank["history"][k]
             for key in keys:
-                assert got[key].item() == pytest.approx(ref[key].item(), abs=1e-9), (k, key)
+                # small_precision is a float32 ratio per process, averaged over processes.
+                tol = 1e-6 if key == "small_precision" else 1e-9
+                assert got[key].item() == pytest.approx(ref[key].item(), abs=tol), (k, key)
             # Every process holds the labels of the whole global batch, the same as one process.
             assert torch.equal(got["labels1"], ref["labels1"])
             assert torch.equal(got["labels2"], ref["labels2"])

@@ -13,6 +13,7 @@ from wcl.graph import (
     _components_if_only_pairs_cycle,
     components_of_functional_graph,
     nearest_neighbours,
+    neighbour_precision,
     weak_label_stats,
     weak_labels,
 )
@@ -214,3 +215,15 @@ def test_weak_label_stats_precision_random(n, seed):
     targets = torch.from_numpy(rng.choice([-1, 0, 3, 2**31 - 1], size=n))
     got = weak_label_stats(labels, targets)["precision"].item()
     assert got == pytest.approx(counted_precision(labels, targets))
+
+
+def test_neighbour_precision_against_counting():
+    """Pairs (row, neighbour) with both classes known, counted by hand."""
+    targets = torch.tensor([0, 0, 1, -1, 1, 2])
+    rows = torch.tensor([0, 2, 3, 5])
+    neighbours = torch.tensor([[1, 2], [4, 3], [0, 1], [5, 0]])
+    # row 0 (class 0): 1 agrees, 2 not; row 2 (class 1): 4 agrees, 3 unknown; row 3:
+    # unknown, both pairs dropped; row 5 (class 2): 5 agrees, 0 not -> 3 of 5.
+    assert neighbour_precision(neighbours, rows, targets).item() == pytest.approx(3 / 5)
+    none_known = neighbour_precision(neighbours[2:3], rows[2:3], targets)
+    assert none_known.item() == 0.0

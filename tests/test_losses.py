@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from wcl import losses
-from wcl.graph import weak_labels
+from wcl.graph import nearest_candidates, weak_labels
 from wcl.losses import (
     instance_loss,
     small_crop_instance_loss,
     small_crop_knn_loss,
+    small_crop_rows,
     supervised_contrastive_loss,
     weak_label_loss,
 )
@@ -240,6 +241,10 @@ def test_small_crop_losses_formula(b, offset, k):
     knn = small_crop_knn_loss(small, views, b, 0.2, offset, k)
     assert inst.item() == pytest.approx(inst_want, abs=1e-12)
     assert knn.item() == pytest.approx(knn_want, abs=1e-12)
+    if k:  # the neighbours found beforehand (as the model does) give the same loss
+        own = small_crop_rows(len(small), b, offset, small.device)
+        near = [nearest_candidates(small, view, own, k) for view in views]
+        assert small_crop_knn_loss(small, views, b, 0.2, offset, k, near).item() == knn.item()
 
 
 def test_small_crop_losses_gradcheck_and_split_batch():

@@ -101,8 +101,9 @@ def test_forward_adds_the_small_crop_losses(graph_weight):
     model = tiny_wcl(temperature=0.2, graph_weight=graph_weight, small_k=2, small_weight=0.7)
     x1, x2 = torch.randn(6, 1, 28, 28), torch.randn(6, 1, 28, 28)
     small = torch.randn(3 * 6, 1, 12, 12)
-    out = model(x1, x2, small=small)
-    base = model(x1, x2)
+    targets = torch.tensor([0, 1, 0, 1, 2, -1])  # -1: unknown class
+    out = model(x1, x2, targets, small=small)
+    base = model(x1, x2, targets)
     z1, p1 = model.embed(x1)
     z2, p2 = model.embed(x2)
     zs, ps = model.embed(small)
@@ -113,8 +114,21 @@ def test_forward_adds_the_small_crop_losses(graph_weight):
         small_knn = small_crop_knn_loss(ps, (p1, p2), 6, 0.2, k=2)
         assert torch.allclose(out["small_graph_loss"], small_knn, atol=1e-6)
         want = want + 0.7 * graph_weight * small_knn
+        # small_precision by hand: each crop's 2 nearest other rows in each view, the pairs
+        # where both classes are known, the fraction that agree.
+        agree = known = 0
+        for view in (p1, p2):
+            for row, crop in enumerate(ps.detach()):
+                own = row % 6
+                sims = (view.detach() @ crop).tolist()
+                others = sorted((j for j in range(6) if j != own), key=lambda j: -sims[j])
+                for j in others[:2]:
+                    if targets[own] >= 0 and targets[j] >= 0:
+                        known += 1
+                        agree += int(targets[own] == targets[j])
+        assert out["small_precision"].item() == pytest.approx(agree / known)
     else:
-        assert "small_graph_loss" not in out
+        assert "small_graph_loss" not in out and "small_precision" not in out
     assert torch.allclose(out["loss"], want, atol=1e-6)
     out["loss"].backward()
     assert all(p.grad is not None for p in model.parameters())

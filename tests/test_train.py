@@ -119,6 +119,7 @@ def test_multicrop_trains_and_resumes_exactly(full_run, tmp_path, mode):
     rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
     for key in ("small_instance_loss", "small_graph_loss"):
         assert all(math.isfinite(r[key]) for r in rows if "loss" in r), key
+    assert all(0 <= r["small_precision"] <= 1 for r in rows if "loss" in r)
     resumed = tmp_path / "resumed"
     pretrain(tiny_config(resumed, *settings), resume=str(first / "epoch-0001.pt"))
     assert_same_weights(final_weights(resumed), final_weights(first))

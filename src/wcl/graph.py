@@ -22,6 +22,7 @@ __all__ = [
     "components_of_functional_graph",
     "weak_labels",
     "weak_label_stats",
+    "neighbour_precision",
 ]
 
 
@@ -200,6 +201,20 @@ def weak_label_stats(
         agree = _pairs_with_equal_key(torch.where(known, labels * 2**32 + targets, alone))
         stats["precision"] = agree.float() / pairs.clamp(min=1).float()
     return stats
+
+
+def neighbour_precision(
+    neighbours: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Fraction of (row, neighbour) pairs, both with a known class (targets >= 0), whose
+    true classes agree: 0-d float, no host synchronisation. ``neighbours`` (a, k) and
+    ``rows`` (a,) index ``targets`` (N,)."""
+    targets = targets.to(neighbours.device).long()
+    mine = targets[rows][:, None].expand_as(neighbours)
+    theirs = targets[neighbours]
+    known = (mine >= 0) & (theirs >= 0)
+    agree = (known & (mine == theirs)).sum()
+    return agree.float() / known.sum().clamp(min=1).float()
 
 
 def _pairs_with_equal_key(keys: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ __all__ = [
     "weak_label_loss",
     "small_crop_instance_loss",
     "small_crop_knn_loss",
+    "small_crop_rows",
 ]
 
 
@@ -212,8 +213,9 @@ def weak_label_loss(
 # logits per view instead of growing the N x N problem to (2 + V)N x (2 + V)N.
 
 
-def _small_crop_rows(num_small: int, b: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Global row of each small crop's own image: (V*b,) long, view-major."""
+def small_crop_rows(num_small: int, b: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Global row of the own image of each of ``num_small`` = V*b small crops of b local
+    images (view-major) whose full-size views sit at rows [offset, offset + b): (V*b,) long."""
     if b == 0 or num_small % b:
         raise ValueError(f"{num_small} small-crop rows are not a whole number of {b}-image views")
     return (torch.arange(b, device=device) + offset).repeat(num_small // b)
@@ -245,6 +247,7 @@ def small_crop_knn_loss(
     temperature: float = 0.1,
     offset: int = 0,
     k: int = 1,
+    neighbours: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Weak-label loss of the small crops, positives chosen by kNN.
 
@@ -254,16 +257,22 @@ def small_crop_knn_loss(
     candidate set P, the positives are image i itself and the k other rows of P nearest
     to the crop (dot product, no gradient; k=0: image i alone):
     loss_ci = -mean_{j in positives} (s_cij - logsumexp_m s_cim), s = p_ci . P / t.
-    Mean over the V*b crops and the candidate sets.
+    Mean over the V*b crops and the candidate sets. ``neighbours``: those k rows if already
+    found, one (V*b, k) long tensor per candidate set (``wcl.graph.nearest_candidates``).
     """
     with _no_autocast(p_small.device):
         (p_small,) = _float32(p_small)
-        own = _small_crop_rows(len(p_small), b, offset, p_small.device)
+        own = small_crop_rows(len(p_small), b, offset, p_small.device)
         terms = []
-        for p_all in _float32(*candidates):
+        for v, p_all in enumerate(_float32(*candidates)):
             positives = own[:, None]
             if k:
-                positives = torch.cat([positives, nearest_candidates(p_small, p_all, own, k)], 1)
+                near = (
+                    nearest_candidates(p_small, p_all, own, k)
+                    if neighbours is None
+                    else neighbours[v]
+                )
+                positives = torch.cat([positives, near], 1)
             # index_select (backward: index_add_), not p_all[positives]: see
             # supervised_contrastive_loss on reproducible gradients.
             positive_sum = p_all.index_select(0, positives.flatten()).view(*positives.shape, -1)

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from wcl import dist
-from wcl.graph import weak_label_stats, weak_labels
+from wcl.graph import nearest_candidates, neighbour_precision, weak_label_stats, weak_labels
 from wcl.losses import (
     instance_loss,
     small_crop_instance_loss,
     small_crop_knn_loss,
+    small_crop_rows,
     weak_label_loss,
 )
 
@@ -47,7 +48,9 @@ class WCL(nn.Module):
     images, view-major (rows [c*B, (c+1)*B) are crop c), go through the network in one
     pass and add ``small_weight * (small_instance_loss + graph_weight * small_graph_loss)``
     (``wcl.losses.small_crop_instance_loss`` and ``small_crop_knn_loss`` with
-    ``small_k`` nearest neighbours as extra positives) to ``loss``.
+    ``small_k`` nearest neighbours as extra positives) to ``loss``; with ``targets``,
+    ``small_precision`` is the fraction of those neighbours that share the crop's class
+    (over this process's crops; the logged figure is the mean over processes).
     Nothing in forward synchronises with the host (k=1).
     """
 
@@ -128,9 +131,16 @@ class WCL(nn.Module):
             )
             small_loss = out["small_instance_loss"]
             if self.phi is not None:
+                own = small_crop_rows(len(ps), b, offset, ps.device)
+                near = [nearest_candidates(ps, p_all, own, self.small_k)
+                        for p_all in (p1_all, p2_all)] if self.small_k else None  # fmt: skip
                 out["small_graph_loss"] = small_crop_knn_loss(
-                    ps, (p1_all, p2_all), b, self.temperature, offset, self.small_k
+                    ps, (p1_all, p2_all), b, self.temperature, offset, self.small_k, near
                 )
                 small_loss = small_loss + self.graph_weight * out["small_graph_loss"]
+                if near is not None and all_targets is not None:
+                    out["small_precision"] = neighbour_precision(
+                        torch.cat(near), own.repeat(len(near)), all_targets
+                    )
             out["loss"] = out["loss"] + self.small_weight * small_loss
         return out
