@@ -331,11 +331,16 @@ def flatten(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_changes(
-    saved: dict[str, Any], now: dict[str, Any], may_change: Collection[str]
+    saved: dict[str, Any],
+    now: dict[str, Any],
+    may_change: Collection[str],
+    defaults: dict[str, Any] | None = None,
 ) -> list[str]:
     """``"key: old -> new"`` for every dotted key outside ``may_change`` whose value differs
-    between two nested configs (a resumed run against the run that wrote its checkpoint)."""
-    old, new = flatten(saved), flatten(now)
+    between two nested configs (a resumed run against the run that wrote its checkpoint).
+    With ``defaults`` (nested, as ``now``), a key missing from ``saved`` (added to the
+    config since it was written) counts as its default there."""
+    old, new = flatten(defaults or {}) | flatten(saved), flatten(now)
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())

@@ -236,11 +236,9 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, cfg: Config) -> di
     checkpoint = load_checkpoint(path)
     if checkpoint.get("kind") != "pretrain" or "config" not in checkpoint:
         raise CheckpointError(f"{path} is not a wcl pre-training checkpoint")
-    # Keys added to the config since the checkpoint was written count as their defaults.
-    defaults = Config().to_dict()
-    saved = {name: {**defaults.get(name, {}), **section}
-             for name, section in checkpoint["config"].items()}  # fmt: skip
-    changed = config_changes(saved, cfg.to_dict(), MAY_CHANGE_ON_RESUME)
+    changed = config_changes(
+        checkpoint["config"], cfg.to_dict(), MAY_CHANGE_ON_RESUME, Config().to_dict()
+    )
     if changed:
         details = ", ".join(changed)
         raise CheckpointError(
