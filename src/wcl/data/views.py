@@ -122,11 +122,9 @@ class TrainingViews:
     def to(self, device: torch.device) -> TrainingViews:
         """Move the batched pipelines (their normalisation constants) to ``device``."""
         if self.mode != "loader":
-            strong = self.augment is self.phases[1]
-            self.phases = tuple(p.to(device) for p in self.phases)
-            if self.small_phases is not None:
-                self.small_phases = tuple(p.to(device) for p in self.small_phases)
-            self.set_epoch(self.epoch, strong)
+            # Module.to moves in place, so self.augment and self.small_augment follow.
+            for pipeline in (*self.phases, *(self.small_phases or ())):
+                pipeline.to(device)
         return self
 
     def make(
