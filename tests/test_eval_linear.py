@@ -14,7 +14,7 @@ from evalkit import (
 from sklearn.linear_model import LogisticRegression
 
 import wcl.eval.loop
-from wcl.checkpoint import load_checkpoint
+from wcl.checkpoint import load_checkpoint, save_checkpoint
 from wcl.cli import main
 from wcl.config import ConfigError
 from wcl.eval.config import load_eval_config
@@ -147,6 +147,13 @@ def test_cli_protocol_run_and_resume(tmp_path, capsys):
     assert main(argv + ["--resume", "auto"]) == 0  # already complete: nothing to train
     assert main(argv + ["--resume", "auto", "--set", "linear.lr=0.5"]) == 2
     assert "linear.lr" in capsys.readouterr().err
+    # A last.pt written before a config key existed resumes while the run keeps its default.
+    state = load_checkpoint(out / "last.pt")
+    del state["config"]["linear"]["init_std"]
+    save_checkpoint(state, out / "last.pt")
+    assert main(argv + ["--resume", "auto"]) == 0
+    assert main(argv + ["--resume", "auto", "--set", "linear.init_std=0.1"]) == 2
+    assert "linear.init_std: 0.01 -> 0.1" in capsys.readouterr().err
     tiny_checkpoint(checkpoint, seed=1)  # the pre-trained weights change under the run
     assert main(argv + ["--resume", "auto"]) == 2
     assert "has changed" in capsys.readouterr().err

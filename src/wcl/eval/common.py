@@ -73,8 +73,10 @@ class Setup:
     state: dict[str, Any] | None  # a loaded last.pt when resuming
 
 
-def _check_same_config(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    changed = config_changes(saved, now, _RESUMABLE_CHANGES)
+def _check_same_config(saved: dict[str, Any], cfg: Any, path: Path) -> None:
+    # Keys missing from the saved config (added to wcl after it was written) count as
+    # their defaults, so an upgrade alone does not stop a resume.
+    changed = config_changes(saved, cfg.to_dict(), _RESUMABLE_CHANGES, type(cfg)().to_dict())
     if changed:
         diffs = ", ".join(changed[:5])
         raise ConfigError(f"cannot resume from {path}: its config differs ({diffs})")
@@ -104,7 +106,7 @@ def open_run(cfg: Any, command: str, resume: str | None, trains: bool) -> Setup:
             state = load_checkpoint(path)
             if state.get("kind") != command:
                 raise ConfigError(f"{path} is a {state.get('kind')!r} checkpoint, not {command!r}")
-            _check_same_config(state["config"], cfg.to_dict(), path)
+            _check_same_config(state["config"], cfg, path)
             if state.get("pretrained") != file_identity(checkpoint):
                 raise ConfigError(
                     f"cannot resume from {path}: the pre-trained checkpoint {checkpoint} has "
