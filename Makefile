@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 
-.PHONY: all demo test lint format setup data bench clean
+.PHONY: all demo test lint format setup data bench compat clean
 
 all: test
 
@@ -62,5 +62,23 @@ bench: setup data
 	@if [ -f runs/demo/wcl/last.pt ]; then $(BIN)/python bench/eval_cost.py runs/demo/wcl/last.pt; \
 	else echo "bench/eval_cost.py skipped: run make demo first (it needs runs/demo/wcl/last.pt)"; fi
 
+# The test suite on other releases than .venv's, in a venv of its own (not part of `make
+# test`; downloads from PyPI). Default: the lowest releases pyproject.toml admits, on the
+# lowest Python it admits. Another set: make compat COMPAT_RESOLUTION=highest
+# COMPAT_PYTHON=3.11 COMPAT_PINS="torch==2.11.0 torchvision==0.26.0"
+COMPAT_VENV := .venv-compat
+COMPAT_PYTHON ?= 3.10
+COMPAT_RESOLUTION ?= lowest-direct
+COMPAT_PINS ?=
+
+compat: setup data
+	$(BIN)/python -m pip install -q uv
+	rm -rf $(COMPAT_VENV)
+	$(BIN)/uv venv -q -p $(COMPAT_PYTHON) $(COMPAT_VENV)
+	VIRTUAL_ENV=$(COMPAT_VENV) $(BIN)/uv pip install -q --resolution $(COMPAT_RESOLUTION) \
+		-e '.[dev]' $(COMPAT_PINS)
+	VIRTUAL_ENV=$(COMPAT_VENV) $(BIN)/uv pip list
+	$(COMPAT_VENV)/bin/python -m pytest -p no:cacheprovider
+
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache $(COMPAT_VENV)

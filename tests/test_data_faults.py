@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image, ImageFile
@@ -28,6 +29,8 @@ from wcl.data import (
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PHOTOS = FIXTURES / "photos"
+# Pillow 10.3 and later open a 16-bit greyscale PNG as "I;16", older releases as 32-bit "I".
+GREY16 = "I;16" if tuple(map(int, PIL.__version__.split(".")[:2])) >= (10, 3) else "I"
 FASHION = FIXTURES / "fashion"
 
 
@@ -64,7 +67,7 @@ def _write_odd(folder: Path) -> dict[str, str]:
         "cmyk.jpg": "CMYK",
         "palette_trns.png": "P",
         "palette.png": "P",
-        "grey16.png": "I;16",
+        "grey16.png": GREY16,
         "rgba.png": "RGBA",
         "la.png": "LA",
         "bilevel.png": "1",
@@ -375,7 +378,7 @@ def test_check_data_report(mixed: Path, workers: int) -> None:
     assert report.broken_by_reason == {"truncated": 2, "not an image": 1, "zero-byte": 1}
     assert report.classes == {"fashion": 6, "odd": 10, "photos": 9}
     assert report.readable_per_class == {"fashion": 5, "odd": 10, "photos": 6}
-    odd_modes = {"CMYK": 1, "I;16": 1, "RGBA": 1, "LA": 1, "1": 1, "F": 1}
+    odd_modes = {"CMYK": 1, GREY16: 1, "RGBA": 1, "LA": 1, "1": 1, "F": 1}
     assert report.modes == {"RGB": 7, "L": 6, "P": 2, **odd_modes}
     assert report.converted == {k: v for k, v in report.modes.items() if k != "RGB"}
     assert report.exif_rotated == 1

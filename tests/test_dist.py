@@ -121,9 +121,15 @@ def test_torchrun_pretrain_then_one_process_resume(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = load_checkpoint(one / "last.pt")
     assert resumed["world_size"] == 1 and resumed["step"] == 8
+    # The resumed run follows the 2-process one to within 1% of how far each tensor moved in
+    # epoch 2: float32 sums in another order differ (by 1e-5 to 3e-4 here, depending on the
+    # torch release), while a resume that lost state or data order is off by the whole move.
+    start = load_checkpoint(two / "epoch-0001.pt")["model"]
     for key, value in ckpt["model"].items():
         if value.is_floating_point():
-            assert torch.allclose(resumed["model"][key], value, atol=1e-4, rtol=1e-3), key
+            moved = float((value - start[key]).norm())
+            off = float((resumed["model"][key] - value).norm())
+            assert off <= 0.01 * moved + 1e-6, (key, off, moved)
 
 
 def test_slurm_environment_is_mapped(monkeypatch):

@@ -1,6 +1,8 @@
 """Weights in and out: release conversion, loading from every source, export, safe loading."""
 
+import importlib.metadata
 import json
+import re
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from evalkit import (
 from safetensors.torch import load_file
 from torch import nn
 
+import wcl.export
 from wcl.backbones import BACKBONES, build_backbone
 from wcl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from wcl.cli import main
@@ -227,11 +230,16 @@ def test_nonstandard_export_sidecar_safetensors_and_rebuild(tmp_path):
 
 
 def test_export_onnx_runs_like_the_backbone(tmp_path):
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxscript")
+    import onnx
     from onnx.reference import ReferenceEvaluator
 
     ckpt = tiny_checkpoint(tmp_path / "pre.pt")
+    if wcl.export._release(torch.__version__) < wcl.export.ONNX_MIN_TORCH:
+        # An older torch (the minimum-versions run): a clear refusal, nothing written.
+        with pytest.raises(OnnxUnavailableError, match=r"torch>=2\.7 \(found"):
+            export_backbone(ckpt, tmp_path / "out", onnx=True)
+        assert not (tmp_path / "out").exists()
+        return
     assert main(["export", str(ckpt), str(tmp_path / "out"), "--onnx"]) == 0
     model = onnx.load(tmp_path / "out" / "backbone.onnx")
     onnx.checker.check_model(model)
@@ -254,6 +262,31 @@ def test_export_onnx_without_package_is_a_clear_error(tmp_path, monkeypatch, cap
     assert not (tmp_path / "out").exists()
     assert main(["export", str(ckpt), str(tmp_path / "out"), "--onnx"]) == 1
     assert "pip install onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("torch_version", "onnxscript_version", "refused"),
+    [("2.6.0+cu124", "0.7.2", "torch>=2.7 (found 2.6.0+cu124)"),
+     ("2.11.0", "0.5.0", "onnxscript>=0.7 (found 0.5.0)"),
+     ("2.7.0", "0.7.0", None)],
+)  # fmt: skip
+def test_export_onnx_with_too_old_releases_is_a_clear_error(
+    tmp_path, monkeypatch, torch_version, onnxscript_version, refused
+):
+    monkeypatch.setattr(torch, "__version__", torch_version)
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata,
+        "version",
+        lambda name: onnxscript_version if name == "onnxscript" else real(name),
+    )
+    if refused is None:
+        wcl.export._require_onnx()  # the oldest releases that work pass
+        return
+    ckpt = tiny_checkpoint(tmp_path / "pre.pt")
+    with pytest.raises(OnnxUnavailableError, match=re.escape(refused)):
+        export_backbone(ckpt, tmp_path / "out", onnx=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_malicious_pickle_is_refused_everywhere_and_never_runs(tmp_path, capsys):

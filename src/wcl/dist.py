@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 
 import torch
@@ -262,6 +263,18 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group (every process, after the last collective)."""
     if tdist.is_available() and tdist.is_initialized():
+        if tdist.get_backend() == "gloo" and _GLOO_DESTRUCTOR_HOLDS_GIL:
+            # torch < 2.8 destroys a gloo group holding the GIL while it joins the group's
+            # worker threads, and a worker may still need the GIL to free the tensors of the
+            # last collective: a deadlock (pytorch/pytorch#154976; caught here with py-spy on
+            # torch 2.5, about one 2-process run in ten). Letting go of the GIL for a moment
+            # first lets the workers finish.
+            time.sleep(_GLOO_DRAIN_SECONDS)
         tdist.destroy_process_group()
     _control.clear()
+
+
+_GLOO_DESTRUCTOR_HOLDS_GIL = torch.__version__ < "2.8"
+_GLOO_DRAIN_SECONDS = 0.2

@@ -10,6 +10,7 @@ says which, and how images must be prepared.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -25,7 +26,8 @@ __all__ = ["OnnxUnavailableError", "export_backbone", "input_size"]
 
 
 class OnnxUnavailableError(RuntimeError):
-    """ONNX export was asked for but the ``onnx`` / ``onnxscript`` packages are missing."""
+    """ONNX export was asked for but ``onnx`` / ``onnxscript`` are missing, or torch or
+    onnxscript is older than the exporter needs (``ONNX_MIN_TORCH``, ``ONNX_MIN_ONNXSCRIPT``)."""
 
 
 def input_size(spec: BackboneSpec, config: dict[str, Any] | None) -> int:
@@ -66,13 +68,36 @@ def _sidecar(spec: BackboneSpec, config: dict | None, source: Path, files: dict)
     }
 
 
+# The oldest releases whose exporter writes our backbones with a dynamic batch (torch 2.5
+# fails on the flatten, 2.6 and onnxscript < 0.7 on later passes; seen in a compat run).
+ONNX_MIN_TORCH = (2, 7)
+ONNX_MIN_ONNXSCRIPT = (0, 7)
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``"2.11.0+cu130"`` -> ``(2, 11)``."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def _require_onnx() -> None:
-    # torch's ONNX exporter (dynamo=True) needs both packages.
+    # torch's ONNX exporter (dynamo=True) needs both packages, at releases that work.
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise OnnxUnavailableError(
             f"ONNX export needs the {' and '.join(missing)} package(s): "
-            "pip install onnx onnxscript (or pip install 'wcl[dev]')"
+            "pip install onnx 'onnxscript>=0.7' (or pip install 'wcl[onnx]')"
+        )
+    found = {"torch": torch.__version__, "onnxscript": importlib.metadata.version("onnxscript")}
+    needed = {"torch": ONNX_MIN_TORCH, "onnxscript": ONNX_MIN_ONNXSCRIPT}
+    old = [
+        f"{name}>={'.'.join(map(str, needed[name]))} (found {version})"
+        for name, version in found.items()
+        if _release(version) < needed[name]
+    ]
+    if old:
+        raise OnnxUnavailableError(
+            f"ONNX export needs {' and '.join(old)}; the other exports work on this install"
         )
 
 
@@ -87,7 +112,7 @@ def _export_onnx(module: torch.nn.Module, spec: BackboneSpec, size: int, path: P
             str(tmp),
             input_names=["images"],
             output_names=["features"],
-            dynamic_shapes={"x": {0: batch}},
+            dynamic_shapes=({0: batch},),  # by position: releases disagree on what dict keys name
             dynamo=True,
             external_data=False,
             verbose=False,
@@ -112,7 +137,7 @@ def export_backbone(
     ``onnx``, ``{name}.onnx`` (input ``images`` (B, C, H, W) float32 with a dynamic batch,
     output ``features`` (B, feature_dim); H = W = the training image size). Returns
     {"pt" | "safetensors" | "json" | "onnx": path}. Raises OnnxUnavailableError, before
-    anything is written, when ONNX is asked for without the packages installed.
+    anything is written, when ONNX is asked for without the packages (or too old ones).
     """
     if onnx:
         _require_onnx()  # before anything is read or written

@@ -97,7 +97,7 @@ def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
     """Greyscale 16-bit (``I;16*``), 32-bit int (``I``) or float (``F``) -> uint8 ``(H, W)``.
 
     Values are rescaled, never clipped: ``I;16*`` maps 0..65535 to 0..255; ``I`` does the same
-    when every value lies in 0..65535 (Pillow < 10 decodes 16-bit PNGs as ``I``) and stretches
+    when every value lies in 0..65535 (Pillow < 10.3 opens 16-bit PNGs as ``I``) and stretches
     min..max to 0..255 otherwise; ``F`` maps 0..1 to 0..255 when every value lies in [0, 1] and
     stretches min..max otherwise, with NaN and infinities read as 0.
     """
