@@ -2,6 +2,7 @@
 
 import json
 import math
+import multiprocessing
 import shutil
 from pathlib import Path
 
@@ -101,10 +102,18 @@ def test_resume_auto_continues_the_run_directory(full_run, tmp_path):
     assert_same_weights(final_weights(run), final_weights(full_run))
 
 
-def test_data_loader_workers_do_not_change_the_result(full_run, tmp_path):
-    """Augmentation randomness is a function of (seed, epoch, index) alone."""
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_data_loader_workers_do_not_change_the_result(full_run, tmp_path, start_method):
+    """Augmentation randomness is a function of (seed, epoch, index) alone, and workers
+    started by forkserver (Python 3.14's default on Linux, which pickles what the workers
+    get) give the same result as forked ones."""
     run = tmp_path / "workers"
-    pretrain(tiny_config(run, "data.workers=2"))
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(start_method, force=True)
+    try:
+        pretrain(tiny_config(run, "data.workers=2"))
+    finally:
+        multiprocessing.set_start_method(before, force=True)
     assert_same_weights(final_weights(run), final_weights(full_run))
 
 
