@@ -17,13 +17,11 @@ ratios release / each path. Models: the demo preset (ResNet-10 width 32, 28 px g
 import argparse
 import json
 import resource
-import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from benchkit import median_of_fresh_runs, save_results
+from benchkit import median_of_fresh_runs, median_seconds, save_results
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -105,17 +103,17 @@ def run_one(model_name: str, path: str, steps: int) -> dict:
     model, optimizer = build(model_name, "release" if path == "release" else "exact")
     x1 = torch.randn(spec["batch"], spec["channels"], spec["size"], spec["size"])
     x2 = torch.randn_like(x1)
-    times = []
-    for _ in range(steps + 2):
-        start = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "ours-bf16"):
             loss = release_forward(model, x1, x2) if path == "release" else model(x1, x2)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        times.append(time.perf_counter() - start)
+
+    seconds = median_seconds(step, steps, warmup=2)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"model": model_name, "path": path, "step_s": statistics.median(times[2:]),
+    return {"model": model_name, "path": path, "step_s": seconds,
             "peak_rss_mib": peak_kib / 1024}  # fmt: skip
 
 
