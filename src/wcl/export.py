@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.torch_version import TorchVersion
 
 from wcl.data import dataset_stats
 from wcl.weights import BackboneSpec, atomic_write, load_backbone, write_json
@@ -70,14 +71,8 @@ def _sidecar(spec: BackboneSpec, config: dict | None, source: Path, files: dict)
 
 # The oldest releases whose exporter writes our backbones with a dynamic batch (torch 2.5
 # fails on the flatten, 2.6 and onnxscript < 0.7 on later passes; seen in a compat run).
-ONNX_MIN_TORCH = (2, 7)
-ONNX_MIN_ONNXSCRIPT = (0, 7)
-
-
-def _release(version: str) -> tuple[int, int]:
-    """``"2.11.0+cu130"`` -> ``(2, 11)``."""
-    major, minor = version.split("+")[0].split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+ONNX_MIN_TORCH = "2.7"
+ONNX_MIN_ONNXSCRIPT = "0.7"
 
 
 def _require_onnx() -> None:
@@ -90,10 +85,11 @@ def _require_onnx() -> None:
         )
     found = {"torch": torch.__version__, "onnxscript": importlib.metadata.version("onnxscript")}
     needed = {"torch": ONNX_MIN_TORCH, "onnxscript": ONNX_MIN_ONNXSCRIPT}
+    # TorchVersion compares release numbers (2.11 > 2.7), local tags (+cu130) included.
     old = [
-        f"{name}>={'.'.join(map(str, needed[name]))} (found {version})"
+        f"{name}>={needed[name]} (found {version})"
         for name, version in found.items()
-        if _release(version) < needed[name]
+        if TorchVersion(version) < needed[name]
     ]
     if old:
         raise OnnxUnavailableError(
