@@ -23,7 +23,10 @@ writes them to $OUT/gpu.jsonl (or runs/bench/gpu.jsonl):
    two-view step, and host synchronisations in it (as in 1);
 10. bitwise reruns: two runs of 3 WCL steps from the same seed, with torch's default
    algorithms and with ``train.deterministic`` (``wcl.run.deterministic_algorithms``):
-   whether each pair ends with identical parameters, and the step-time cost of the switch.
+   whether each pair ends with identical parameters, and the step-time cost of the switch;
+11. ``train.amp=fp16`` (what ``auto`` picks on GPUs without native bf16): the WCL step with
+   float16 autocast and loss scaling against the bf16 step, the loss scale it settles at
+   and whether the parameters stay finite.
 ``--quick`` runs only 1 and 2 at batch 128. ``--dry-run`` runs every part on the CPU with
 a tiny network, batch and image size, to catch mistakes before spending device time
 (tests/test_bench_gpu.py runs it).
@@ -44,7 +47,7 @@ from wcl.data import batch_strong_pipeline, blur_kernel_size, two_view_seeds
 from wcl.data.batch_ops import depthwise_gaussian_blur, shifted_gaussian_blur
 from wcl.model import WCL
 from wcl.optim import LARS, param_groups
-from wcl.run import deterministic_algorithms
+from wcl.run import deterministic_algorithms, grad_scaler
 
 RESULTS: list[dict] = []
 OUT_FILE = Path(os.environ.get("OUT", "runs/bench")) / "gpu.jsonl"
@@ -84,10 +87,12 @@ def wcl_step_fn(
     compile_backbone: bool = False,
     release: bool = False,
     small_crops: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
 ):
     """One WCL training step; ``release``: the release's way (labels through the host and
     SciPy, a dense mask, ``release`` gather), as bench/train_step.py defines it;
-    ``small_crops``: multi-crop with that many crops of 96/224 the size per image."""
+    ``small_crops``: multi-crop with that many crops of 96/224 the size per image;
+    ``dtype``: the autocast dtype (float16 with wcl's loss scaling, as train.amp=fp16)."""
     device = torch.device(s["device"])
     backbone = build_backbone(s["arch"])
     model = WCL(backbone, s["dim"], s["hidden"], 256, gather_mode="release" if release else "exact")
@@ -104,15 +109,19 @@ def wcl_step_fn(
         small = torch.randn(small_crops * batch, 3, side, side, device=device)
         small = small.to(memory_format=torch.channels_last)
 
+    scaler = grad_scaler(device, dtype)  # passes through unless float16
+
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype):
             out = release_forward(model, x1, x2) if release else model(x1, x2, small=small)
             loss = out if release else out["loss"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     step.model = model  # for checks that compare the parameters after some steps
+    step.scaler = scaler
     return step
 
 
@@ -290,6 +299,17 @@ def bitwise_reruns(s: dict, batch: int, steps: int = 3) -> None:
     report(check="bitwise_reruns_r50", batch=batch, steps=steps, **found)
 
 
+def fp16_cost(s: dict, batch: int) -> None:
+    """The float16 step with loss scaling against the bf16 step, on the same batch."""
+    bf16 = seconds_per_call(wcl_step_fn(s, batch), s)
+    step = wcl_step_fn(s, batch, dtype=torch.float16)
+    fp16 = seconds_per_call(step, s)
+    finite = all(bool(p.isfinite().all()) for p in step.model.parameters())
+    report(check="fp16_vs_bf16_r50", batch=batch, bf16_step_s=bf16, fp16_step_s=fp16,
+           cost_ratio=fp16 / bf16, loss_scale=step.scaler.get_scale(),
+           parameters_finite=finite)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -311,6 +331,7 @@ def main() -> None:
         attempt(blur_kernels, s, batches[0])
         attempt(multicrop_cost, s, batches[0])
         attempt(bitwise_reruns, s, batches[0])
+        attempt(fp16_cost, s, batches[0])
         if not args.dry_run:  # compiling on the CPU takes minutes and tells nothing here
             # Last: compilation is the slowest and likeliest part to fail on a new machine.
             attempt(throughput, s, batches[0], compile_backbone=True)

@@ -1,5 +1,6 @@
 """Semi-supervised fine-tuning: the labelled subset and a short real run."""
 
+import contextlib
 import json
 
 import pytest
@@ -96,3 +97,57 @@ def test_finetune_needs_a_fraction_or_a_list(tmp_path, capsys):
     assert main(argv + ["--set", "finetune.fraction=1.5"]) == 2
     assert main(argv + ["--set", "finetune.subset_file=/no/such/list.txt"]) == 2
     assert "finetune.subset_file" in capsys.readouterr().err
+
+
+def test_fit_scales_float16_losses_and_resumes_with_the_scale(tmp_path):
+    """The eval training loop (probe and fine-tuning) under float16 autocast: the loss is
+    scaled, an overflowing step skipped, the scaler's state saved in last.pt, so a resumed
+    run ends where an uninterrupted one does; and the updates are unscaled (within float16
+    rounding of float32's)."""
+    from wcl.checkpoint import load_checkpoint
+    from wcl.eval.loop import Recipe, evaluate, fit, tensor_batches
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    y = torch.randint(0, 4, (64,))
+    start = torch.nn.Linear(16, 4).state_dict()
+
+    class Stop(Exception):
+        pass
+
+    def train(amp, run_dir, state=None, stop_after=None, gain=30.0) -> torch.nn.Linear:
+        """gain 30: large inputs, whose first gradients overflow float16 at scale 65536."""
+        model = torch.nn.Linear(16, 4)
+        model.load_state_dict(start)
+        run_dir.mkdir(exist_ok=True)
+        recipe = Recipe(epochs=3, peak_lr=0.01)
+
+        def report(history, done):
+            if len(history) == stop_after:
+                raise Stop
+
+        with contextlib.suppress(Stop):
+            fit(model, model, recipe, recipe.optimizer(model.parameters()),
+                lambda epoch: tensor_batches(x * gain, y, 16, 0, epoch), 4,
+                lambda: evaluate(model, [(x * gain, y)], cpu, amp), run_dir, cpu, amp=amp,
+                state=state, report=report, progress=False)  # fmt: skip
+        return model
+
+    whole = train(torch.float16, tmp_path / "whole")
+    assert load_checkpoint(tmp_path / "whole" / "last.pt")["scaler"]["scale"] < 65536
+    train(torch.float16, tmp_path / "part", stop_after=1)
+    state = load_checkpoint(tmp_path / "part" / "last.pt")
+    assert state["epoch"] == 1 and state["scaler"]["scale"] < 65536
+    resumed = train(torch.float16, tmp_path / "part", state=state)
+    assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
+    # Inputs of unit size: no overflow, so every step counts, as in float32.
+    ours, reference = (
+        train(torch.float16, tmp_path / "small", gain=1.0),
+        train(None, tmp_path / "fp32", gain=1.0),
+    )
+    assert load_checkpoint(tmp_path / "small" / "last.pt")["scaler"]["scale"] == 65536
+    for name in ("weight", "bias"):
+        want = getattr(reference, name) - start[name]
+        got = getattr(ours, name) - start[name]
+        assert (got - want).norm() / want.norm() < 0.05, name

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from wcl.config import PRESET_DIR, ConfigError, load_config, preset_names
+from wcl.config import AMP_CHOICES, PRESET_DIR, ConfigError, load_config, preset_names
 
 __all__ = ["main"]
 
@@ -392,7 +392,7 @@ def _add_weight_commands(commands: argparse._SubParsersAction) -> None:
     emb.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     emb.add_argument("--image-size", type=int, help="crop side (default: pre-training size)")
     emb.add_argument("--resize", type=int, help="short side before the crop")
-    emb.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto")
+    emb.add_argument("--amp", choices=AMP_CHOICES, default="auto")
     emb.add_argument("--no-progress", action="store_true", help="no progress bar")
     emb.set_defaults(func=_embed)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Collection
@@ -37,9 +38,13 @@ __all__ = [
     "config_changes",
     "flatten",
     "small_crop_size",
+    "AMP_CHOICES",
 ]
 
 PRESET_DIR = Path(__file__).parent / "configs"
+# Mixed precision (train.amp, the eval configs' run.amp, wcl embed --amp); auto is bf16 on
+# GPUs that have it natively, fp16 (with loss scaling) on older ones, float32 on CPUs.
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 T = TypeVar("T")
 
 
@@ -105,7 +110,7 @@ class TrainConfig:
     out_dir: str = "runs/wcl"
     device: str = "auto"  # auto | cpu | cuda
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
+    amp: str = "auto"  # auto (GPU: bf16, or fp16 before compute capability 8) | bf16 | fp16 | off
     channels_last: bool = True  # convolution layout, faster on GPUs and CPUs
     deterministic: bool = False  # torch's deterministic algorithms only (bitwise GPU reruns)
     checkpoint_every: int = 10  # epochs; a checkpoint is always written at the end
@@ -142,7 +147,7 @@ CHOICES = {
     "optim.lr_scaling": ("sqrt", "linear", "none"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dist_backend": ("auto", "nccl", "gloo"),
-    "train.amp": ("auto", "bf16", "off"),
+    "train.amp": AMP_CHOICES,
     "train.nonfinite": ("stop", "skip"),
 }
 POSITIVE = [
@@ -382,11 +387,35 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1) with two YAML 1.2 rules: only true / false are
+    booleans, so ``off``, ``on``, ``yes`` and ``no`` stay strings (``train.amp=off``), and
+    any number with an exponent is a float (``optim.weight_decay=1e-6``)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # safe: a SafeLoader subclass
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"config {str(path)!r}: 'base' chain loops back on itself")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -406,7 +435,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or len(parts) != 2 or not all(parts):
             raise ConfigError(f"override {item!r} must look like section.key=value")
         try:
-            value = yaml.safe_load(text)
+            value = _load_yaml(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
         out.setdefault(parts[0], {})

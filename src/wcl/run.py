@@ -42,8 +42,10 @@ __all__ = [
     "amp_dtype",
     "check_run_dir",
     "cpu_has_native_bf16",
+    "cpu_has_native_fp16",
     "deterministic_algorithms",
     "find_resume_checkpoint",
+    "grad_scaler",
     "ignore_preemption_signals",
     "keep_epoch_copy",
     "load_model_state",
@@ -62,29 +64,60 @@ MAY_CHANGE_ON_RESUME = {
 }  # fmt: skip
 
 
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where that file does not exist."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+
+
 def cpu_has_native_bf16() -> bool | None:
     """Whether this CPU does bf16 arithmetic natively (x86 AVX512-BF16 or AMX, Arm BF16),
     read from /proc/cpuinfo; None where that file does not exist (not Linux)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return None
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    flags = _cpu_flags()
+    return None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_has_native_fp16() -> bool | None:
+    """Whether this CPU does float16 arithmetic natively (x86 AVX512-FP16 or AMX-FP16, Arm
+    FP16), read from /proc/cpuinfo; None where that file does not exist (not Linux)."""
+    flags = _cpu_flags()
+    return None if flags is None else bool(flags & {"avx512_fp16", "amx_fp16", "asimdhp"})
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an ``amp`` setting (auto | bf16 | off): bfloat16 for ``bf16``,
-    and for ``auto`` on a GPU; else None (float32). Warns when bf16 is asked of a CPU that
-    would only emulate it (slower than float32 there)."""
-    if amp == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
-        warnings.warn(
-            "amp=bf16 on a CPU without native bf16 (AVX512-BF16, AMX or Arm BF16): PyTorch "
-            "emulates it, so expect it to be slower than float32 (amp=off)",
-            stacklevel=2,
-        )
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    """The autocast dtype for an ``amp`` setting (``wcl.config.AMP_CHOICES``), None for float32.
+
+    ``auto``: on a GPU, bfloat16 where it has native bf16 (compute capability 8 and up:
+    A100, H100, RTX 30xx on) and float16 on older ones (V100, T4), whose bf16 PyTorch
+    emulates; float32 on CPUs. Asking a CPU that would only emulate bf16 / fp16 for it
+    warns (slower than float32 there). float16 needs loss scaling: :func:`grad_scaler`.
+    """
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if dtype is not None and device.type == "cpu":
+        # Looked up at call time, so that tests can stand in for the CPU.
+        native = cpu_has_native_bf16 if dtype is torch.bfloat16 else cpu_has_native_fp16
+        if native() is False:
+            warnings.warn(
+                f"amp={amp} on a CPU without native {amp} arithmetic: PyTorch emulates it, "
+                "so expect it to be slower than float32 (amp=off)",
+                stacklevel=2,
+            )
+    return dtype
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for float16 autocast, whose small gradients would underflow
+    without it: steps whose scaled gradients overflow are skipped and the scale halved.
+    For bfloat16 and float32 a disabled scaler, which passes everything through unchanged,
+    so one step code serves every ``amp`` setting."""
+    return torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
 
 @contextlib.contextmanager
@@ -260,7 +293,12 @@ def load_model_state(model: nn.Module, checkpoint: dict) -> None:
 
 
 def save_run_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, cfg: Config
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    state: RunState,
+    cfg: Config,
 ) -> None:
     """Write the run's checkpoint atomically; never one holding non-finite weights."""
     bad = [name for name, p in model.state_dict().items() if p.is_floating_point()
@@ -274,6 +312,7 @@ def save_run_checkpoint(
             "kind": "pretrain",
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),  # {} unless float16 loss scaling is on
             "epoch": state.epoch,
             "step": state.step,
             "world_size": dist.world_size(),

@@ -43,6 +43,7 @@ from wcl.run import (
     check_run_dir,
     deterministic_algorithms,
     find_resume_checkpoint,
+    grad_scaler,
     ignore_preemption_signals,
     keep_epoch_copy,
     load_model_state,
@@ -239,11 +240,14 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     total_steps = cfg.train.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     autocast_dtype = amp_dtype(cfg.train.amp, device)
+    scaler = grad_scaler(device, autocast_dtype)  # passes through unless float16
 
     state = RunState()
     if checkpoint is not None:
         load_model_state(model, checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):  # absent from older checkpoints and non-fp16 runs
+            scaler.load_state_dict(checkpoint["scaler"])
         state = RunState(checkpoint["epoch"], checkpoint["step"])
         set_rng_state(checkpoint["rng"])
 
@@ -256,12 +260,14 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
 
     def save(epoch_copy: bool = False) -> None:
         if main:
-            save_run_checkpoint(run_dir / "last.pt", model, optimizer, state, cfg)
+            save_run_checkpoint(run_dir / "last.pt", model, optimizer, scaler, state, cfg)
             if epoch_copy:
                 keep_epoch_copy(run_dir, state.epoch)
         dist.barrier()  # nobody exits before the checkpoint is complete
 
     skipped, batch = 0, cfg.train.batch_size
+    count_skipped = cfg.train.nonfinite == "skip" or scaler.is_enabled()
+    scale = scaler.get_scale()  # the float16 loss scale (1.0 when off)
     with deterministic_algorithms(cfg.train.deterministic), PreemptionFlag() as preemption:
         for epoch in range(state.epoch, cfg.train.epochs):
             state.epoch = epoch
@@ -289,11 +295,24 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
                 ):
                     out = net(x1, x2, targets, small)
                 optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                if cfg.train.nonfinite == "skip" and not _gradients_finite(model):
-                    skipped += 1  # drop this step's update and metrics; the schedule goes on
+                scaler.scale(out["loss"]).backward()
+                if scaler.is_enabled():
+                    # float16: the scaler skips a step whose scaled gradients overflow and
+                    # halves the scale, which it lowers on no other occasion. (Its step
+                    # reads the overflow flag on the host anyway: one sync more per step.)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    new_scale = scaler.get_scale()
+                    stepped, scale = new_scale >= scale, new_scale
+                elif cfg.train.nonfinite == "skip" and not _gradients_finite(model):
+                    stepped = False
                 else:
                     optimizer.step()
+                    stepped = True
+                skipped += not stepped
+                # Under nonfinite=skip a dropped step's metrics are dropped too; otherwise
+                # a non-finite loss reaches _summarise, which stops the run.
+                if stepped or cfg.train.nonfinite != "skip":
                     metrics = {k: v.detach() for k, v in out.items() if v.dim() == 0}
                     window.append(metrics | {"lr": lr})
                 state.step += 1
@@ -309,8 +328,10 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
                     record = {"step": state.step, "epoch": epoch + 1, "lr": lr, "loss": math.nan}
                     if window:
                         record = _summarise(window, state.step, epoch + 1, seconds, batch)
-                    if cfg.train.nonfinite == "skip":
+                    if count_skipped:
                         record["skipped_steps"] = skipped
+                    if scaler.is_enabled():
+                        record["loss_scale"] = scale
                     log.write(record)
                     img_s = record.get("images_per_s", 0.0)
                     bar.set_postfix(

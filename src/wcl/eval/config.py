@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from wcl.config import (
+    AMP_CHOICES,
     PRESET_DIR,
     ConfigError,
     flatten,
@@ -61,7 +62,7 @@ class EvalRun:
     out_dir: str | None = None  # None: <checkpoint folder>/eval/<checkpoint name>/<command>
     device: str = "auto"  # auto | cpu | cuda
     dist_backend: str = "auto"  # several processes: auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
+    amp: str = "auto"  # auto (GPU: bf16, or fp16 before compute capability 8) | bf16 | fp16 | off
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     eval_batch_size: int = 256  # batch for test passes and feature extraction
@@ -146,7 +147,7 @@ _CHOICES = {
     "data.channels": (None, 1, 3),
     "run.device": ("auto", "cpu", "cuda"),
     "run.dist_backend": ("auto", "nccl", "gloo"),
-    "run.amp": ("auto", "bf16", "off"),
+    "run.amp": AMP_CHOICES,
     "linear.mode": ("protocol", "fast"),
     "linear.lr_scaling": ("linear", "none"),
     "finetune.lr_scaling": ("linear", "none"),

@@ -56,7 +56,9 @@ def embed_images(
     (defaults: the pre-training image size, and 256/224 of it for the ImageNet stem, so
     Resize(256) + CenterCrop(224); no extra resize for the small-image stem), then
     normalised with the pre-training dataset's statistics. ``normalize`` L2-normalises the
-    rows; ``amp`` "auto" runs the backbone in bfloat16 on a GPU ("off": float32). Writes ``out`` (.npy, float32 (N, C)) and the image paths, one a line, beside it.
+    rows; ``amp`` "auto" runs the backbone in bfloat16 on a GPU (float16 on GPUs older than
+    compute capability 8; "off": float32, see :func:`wcl.run.amp_dtype`). Writes ``out``
+    (.npy, float32 (N, C)) and the image paths, one a line, beside it.
     """
     loaded = load_backbone(checkpoint)
     spec = loaded.spec

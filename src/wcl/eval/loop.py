@@ -34,6 +34,7 @@ from wcl.data import sample_seed
 from wcl.eval.features import autocast
 from wcl.eval.shards import sum_over_processes
 from wcl.optim import lr_at
+from wcl.run import grad_scaler
 
 __all__ = [
     "Recipe",
@@ -198,8 +199,10 @@ def fit(
     """Train ``model`` (logits = model(x)) with cross-entropy; returns the per-epoch history.
 
     ``saved`` is the part written to ``run_dir/last.pt`` as ``model`` (e.g. only the linear
-    layer of a probe), with the optimiser, ``epoch``, ``step``, ``history`` and ``extra``
-    (``run_dir`` None: nothing is written).
+    layer of a probe), with the optimiser, the float16 loss scaler, ``epoch``, ``step``,
+    ``history`` and ``extra`` (``run_dir`` None: nothing is written). ``amp`` float16
+    scales the loss (:func:`wcl.run.grad_scaler`): a step whose gradients overflow is
+    skipped.
     ``batches_for(epoch)`` gives that epoch's training batches; ``test()`` the test
     metrics. ``state``: a loaded ``last.pt`` to continue from. ``report(history, done)``
     is called after every test pass (e.g. to write results.json).
@@ -213,9 +216,12 @@ def fit(
     progress = progress and main
     history: list[dict[str, Any]] = []
     epoch = step = 0
+    scaler = grad_scaler(device, amp)
     if state is not None:
         saved.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
     total = recipe.epochs * steps_per_epoch
     while epoch < recipe.epochs:
@@ -239,8 +245,9 @@ def fit(
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += loss.detach() * len(y)
             seen += len(y)
             step += 1
@@ -271,6 +278,7 @@ def fit(
                     **(extra or {}),
                     "model": saved.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "epoch": epoch,
                     "step": step,
                     "history": history,
