@@ -121,3 +121,45 @@ def test_package_exports_resolve_lazily():
     assert all(callable(getattr(wcl, name)) for name in wcl.__all__)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         wcl.nope  # noqa: B018
+
+
+def test_yaml_reads_off_as_a_word_and_exponents_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) would read ``off`` as False and ``1e-6`` as a string, so
+    ``train.amp=off`` and ``optim.weight_decay=1e-6`` failed their type checks; both
+    overrides and files now follow YAML 1.2 on these two points."""
+    from wcl.eval.config import load_eval_config
+
+    cfg = load_config("fashion-mnist-demo", ["train.amp=off", "optim.weight_decay=1e-6",
+                                             "optim.lr=2.5E+1", "model.sync_bn=false"])  # fmt: skip
+    assert (cfg.train.amp, cfg.optim.weight_decay, cfg.optim.lr) == ("off", 1e-6, 25.0)
+    assert cfg.model.sync_bn is False
+    path = tmp_path / "c.yaml"
+    path.write_text("base: " + str(PRESET_DIR / "fashion-mnist-demo.yaml") +
+                    "\ntrain: {amp: off, seed: 7}\noptim: {final_lr: 5e-4}\n")  # fmt: skip
+    cfg = load_config(path)
+    assert (cfg.train.amp, cfg.train.seed, cfg.optim.final_lr) == ("off", 7, 5e-4)
+    (tmp_path / "x.pt").touch()
+    overrides = ["run.amp=off", f"run.checkpoint={tmp_path / 'x.pt'}"]
+    assert load_eval_config("knn", "knn-small", overrides).run.amp == "off"
+    # A YAML 1.1 boolean spelling for a boolean key is named, not silently read.
+    with pytest.raises(ConfigError, match=r"'model.sync_bn' must be bool, got 'yes'"):
+        load_config("fashion-mnist-demo", ["model.sync_bn=yes"])
+    # The saved config (yaml.safe_dump quotes 'off') reads back the same.
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert load_config(path) == cfg
+
+
+def test_a_leading_tilde_in_a_path_key_is_the_home_folder(tmp_path, monkeypatch):
+    """A shell does not expand ``~`` inside ``--set data.root=~/data``; wcl does, for the
+    keys that name files and folders (and only there)."""
+    from wcl.eval.config import load_eval_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "ck.pt").touch()
+    cfg = load_config("fashion-mnist-demo", ["data.root=~/data", "train.out_dir=~/runs/a"])
+    assert (cfg.data.root, cfg.train.out_dir) == (str(tmp_path / "data"), str(tmp_path / "runs/a"))
+    ev = load_eval_config("knn", "knn-small", ["run.checkpoint=~/ck.pt", "run.out_dir=~/ev"])
+    assert (ev.run.checkpoint, ev.run.out_dir) == (str(tmp_path / "ck.pt"), str(tmp_path / "ev"))
+    with pytest.raises(ConfigError, match="must be one of"):  # other keys: taken as written
+        load_config("fashion-mnist-demo", ["model.backbone=~/resnet50"])

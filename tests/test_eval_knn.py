@@ -106,7 +106,9 @@ def test_extract_features_keeps_order_and_mode(tmp_path):
 
 
 def test_knn_eval_command_matches_library(tmp_path, capsys):
-    ckpt = tiny_checkpoint(tmp_path / "pre.pt")
+    # A folder name YAML would cut at " #" (a comment): --checkpoint takes it as written.
+    (tmp_path / "pre #1").mkdir()
+    ckpt = tiny_checkpoint(tmp_path / "pre #1" / "pre.pt")
     out = tmp_path / "knn"
     argv = ["knn-eval", "--config", "knn-small", "--checkpoint", str(ckpt)]
     argv += ["--set", f"data.root={FASHION_IDX}", "--set", f"run.out_dir={out}"]

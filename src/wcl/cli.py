@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 
@@ -37,7 +38,9 @@ def _eval_config(kind: str, args: argparse.Namespace, extra: list[str] | None = 
 
     overrides = (extra or []) + list(args.set)
     if args.checkpoint:
-        overrides.insert(0, f"run.checkpoint={args.checkpoint}")
+        # Quoted (a JSON string is a YAML one), so that no file name reads as YAML: a "#",
+        # ": " or a name like "true" stays part of the path.
+        overrides.insert(0, f"run.checkpoint={json.dumps(args.checkpoint)}")
     return load_eval_config(kind, args.config, overrides)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -215,11 +216,17 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+# Keys (in any section) that name a file or folder: a leading ~ there is the user's home,
+# as a shell would read it (which it does not inside --set data.root=~/...).
+PATH_KEYS = ("root", "out_dir", "checkpoint", "subset_file")
+
+
 def sections_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
     """An instance of ``cls`` (a dataclass of dataclass sections) from nested dicts.
 
     Unknown sections and keys, and values of the wrong type, are ConfigErrors naming
-    the key. Range checks are the caller's (see :func:`validate`).
+    the key. Range checks are the caller's (see :func:`validate`). A ``~`` that starts
+    the value of a path key (``PATH_KEYS``) is expanded to the home folder.
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
@@ -237,7 +244,10 @@ def sections_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
                 raise ConfigError(
                     f"unknown config key '{name}.{key}'; valid keys in {name!r}: {sorted(hints)}"
                 )
-            setattr(section, key, _check_type(f"{name}.{key}", value, hints[key]))
+            value = _check_type(f"{name}.{key}", value, hints[key])
+            if key in PATH_KEYS and isinstance(value, str):
+                value = os.path.expanduser(value)
+            setattr(section, key, value)
     return cfg
 
 
