@@ -96,11 +96,14 @@ def test_release_mode_gradient_differs(two_process_runs):
 
 
 def test_torchrun_pretrain_then_one_process_resume(tmp_path):
+    """Two processes pre-train (with the online kNN monitor, which they share), one
+    process continues; the monitor's figures are those of one process on the same weights."""
     two = tmp_path / "two"
     common = [
         f"data.root={FIXTURE}", "data.workers=0", "model.width=8", "model.hidden_dim=32",
-        "model.out_dim=16", "train.knn_every=0", "data.augment=loader", "train.epochs=2", "train.batch_size=64", "optim.warmup_epochs=1",
-        "train.checkpoint_every=1", "train.log_every=2",
+        "model.out_dim=16", "train.knn_every=1", "data.augment=loader", "train.epochs=2",
+        "train.batch_size=64", "optim.warmup_epochs=1", "train.checkpoint_every=1",
+        "train.log_every=2",
     ]  # fmt: skip
     args = ["-m", "wcl.cli", "pretrain", "--config", "fashion-mnist-demo"]
     sets = [x for o in common + [f"train.out_dir={two}"] for x in ("--set", o)]
@@ -108,7 +111,18 @@ def test_torchrun_pretrain_then_one_process_resume(tmp_path):
     ckpt = load_checkpoint(two / "last.pt")
     assert (ckpt["world_size"], ckpt["epoch"], ckpt["step"]) == (2, 2, 8)
     rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 6, 8]  # rank 0 alone writes
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6, 8]  # rank 0 alone writes
+    knn_rows = [r for r in rows if "knn_top1" in r]
+    assert [r["epoch"] for r in knn_rows] == [1, 2]
+    from wcl.config import load_config
+    from wcl.train import _knn_monitor, build_model
+
+    cfg = load_config("fashion-mnist-demo", common + [f"train.out_dir={tmp_path / 'x'}"])
+    monitor = _knn_monitor(cfg, None)
+    for row in knn_rows:
+        model = build_model(cfg)
+        model.load_state_dict(load_checkpoint(two / f"epoch-{row['epoch']:04d}.pt")["model"])
+        assert monitor(model.backbone) == {k: row[k] for k in ("knn_top1", "knn_top5")}
 
     # Continue epoch 2 of the 2-process run in one plain process.
     one = tmp_path / "one"

@@ -4,7 +4,9 @@ its Python blocks, in a fresh interpreter in the folder that command wrote ``run
 import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 
@@ -48,3 +50,27 @@ def test_loading_a_trained_backbone(workdir):
 def test_wcl_steps_in_your_own_loop(workdir):
     out = run([sys.executable, "-c", PYTHON_BLOCKS[1]], workdir)
     assert re.fullmatch(r"loss \d+\.\d{3}, \d+ weak classes in the batch\n", out)
+
+
+def config_keys(cls) -> dict[str, set[str]]:
+    """{section: its keys} of a config dataclass."""
+    return {name: {f.name for f in fields(hint)} for name, hint in get_type_hints(cls).items()}
+
+
+def test_every_pretraining_key_is_in_the_readme_table():
+    from wcl.config import Config
+
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*) \|$", README, re.M))
+    for section, keys in config_keys(Config).items():
+        missing = keys - set(re.findall(r"`(\w+)`", rows[section]))
+        assert not missing, (section, missing)
+
+
+def test_every_eval_key_is_named_in_the_evaluation_section():
+    from wcl.eval.config import FinetuneConfig, KnnConfig, LinearConfig
+
+    text = README[README.index("## Evaluation") : README.index("## Weights")]
+    named = set(re.findall(r"`(?:\w+\.)?(\w+)`", text))
+    for cls in (LinearConfig, KnnConfig, FinetuneConfig):
+        for section, keys in config_keys(cls).items():
+            assert not keys - named, (cls.__name__, section, keys - named)

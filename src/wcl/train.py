@@ -99,11 +99,12 @@ def _training_data(cfg: Config, run_dir: Path) -> tuple[TrainingViews, list[str]
     return views, classes
 
 
-def _knn_monitor(cfg: Config):
+def _knn_monitor(cfg: Config, amp: torch.dtype | None):
     """A function backbone -> {"knn_top1", "knn_top5"} on the held-out split, or None.
 
     Weighted kNN (``wcl.eval.knn_monitor``) of centre-cropped held-out images against a
-    bank of training images, both without augmentation.
+    bank of training images, both without augmentation. Collective: every process calls
+    it and does 1/W of the work.
     """
     d = cfg.data
     if not cfg.train.knn_every:
@@ -123,8 +124,9 @@ def _knn_monitor(cfg: Config):
 
     def monitor(backbone: torch.nn.Module) -> dict[str, float]:
         acc = knn_monitor(
-            backbone, bank, queries, transform, k=k, t=cfg.train.knn_t, batch_size=512
-        )
+            backbone, bank, queries, transform, k=k, t=cfg.train.knn_t, batch_size=512,
+            workers=d.workers, amp=amp,
+        )  # fmt: skip
         return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
 
     return monitor
@@ -256,7 +258,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (run_dir / "preempted").unlink(missing_ok=True)
     log = MetricsLog(run_dir, main)
-    monitor = _knn_monitor(cfg) if labelled else None
+    monitor = _knn_monitor(cfg, autocast_dtype) if labelled else None
 
     def save(epoch_copy: bool = False) -> None:
         if main:
@@ -357,7 +359,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
                 log.write({"step": state.step, "epoch": state.epoch,
                            "skipped_files": len(skipped_files)})  # fmt: skip
             knn_due = state.epoch % max(cfg.train.knn_every, 1) == 0
-            if monitor is not None and main and (knn_due or state.epoch == cfg.train.epochs):
+            if monitor is not None and (knn_due or state.epoch == cfg.train.epochs):
+                # Every process takes its share; log.write does nothing off rank 0.
                 record = {"step": state.step, "epoch": state.epoch} | monitor(model.backbone)
                 log.write(record)
             if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:

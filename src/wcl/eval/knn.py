@@ -24,7 +24,7 @@ from wcl.eval.common import open_run, split_features, start_run, write_results
 from wcl.eval.config import KnnConfig
 from wcl.eval.data import load_splits
 from wcl.eval.features import extract_features
-from wcl.eval.shards import my_share, sum_over_processes
+from wcl.eval.shards import gather_shards, my_share, shard, sum_over_processes
 
 __all__ = [
     "knn_accuracies",
@@ -208,15 +208,30 @@ def knn_monitor(
     samples; ``transform`` e.g. :func:`wcl.data.eval_pipeline`) on the backbone's device,
     puts the backbone's mode back, and returns {"top1": %, "top5": %}. Cost: one forward
     pass over both sets; pass a ``Subset`` of the training set to make it cheaper.
+
+    Several processes: every process must call this, and the work is split W ways (each
+    extracts its share of both sets, the bank's shares are gathered, each classifies its
+    share of the queries, the hits are summed), so all get the same figures, as fast as W
+    processes go and with no process left waiting at a collective while one works alone.
     """
     device = next(backbone.parameters()).device
+    n_bank, n_queries, world = len(train_set), len(test_set), dist.world_size()  # type: ignore[arg-type]
+    if min(n_bank, n_queries) < world:
+        raise ValueError(f"kNN monitor: {n_bank} bank and {n_queries} query images cannot be "
+                         f"shared by {world} processes")  # fmt: skip
     feats, labels = extract_features(
-        backbone, train_set, transform, batch_size, device, workers, amp=amp, desc="knn bank"
-    )
+        backbone, shard(train_set), transform, batch_size, device, workers, amp=amp,
+        desc="knn bank",
+    )  # fmt: skip
+    feats, labels = gather_shards(feats, n_bank, device), gather_shards(labels, n_bank, device)
     test_feats, test_labels = extract_features(
-        backbone, test_set, transform, batch_size, device, workers, amp=amp, desc="knn test"
-    )
-    return knn_accuracy(feats.to(device), labels, test_feats, test_labels, k, t, chunk=chunk)
+        backbone, shard(test_set), transform, batch_size, device, workers, amp=amp,
+        desc="knn test",
+    )  # fmt: skip
+    # The same class count on every process, whatever labels its share of queries holds.
+    num_classes = dist.max_over_processes(max(int(labels.max()), int(test_labels.max()))) + 1
+    hits = knn_hits(feats.to(device), labels, test_feats, test_labels, [k], t, num_classes, chunk)
+    return _percent({k: sum_over_processes(hits[k].to(device)).long().cpu()}, n_queries)[k]
 
 
 def knn_eval(cfg: KnnConfig) -> dict[str, Any]:
