@@ -26,7 +26,9 @@ writes them to $OUT/gpu.jsonl (or runs/bench/gpu.jsonl):
    whether each pair ends with identical parameters, and the step-time cost of the switch;
 11. ``train.amp=fp16`` (what ``auto`` picks on GPUs without native bf16): the WCL step with
    float16 autocast and loss scaling against the bf16 step, the loss scale it settles at
-   and whether the parameters stay finite.
+   and whether the parameters stay finite;
+12. ``model.concat_views``: the WCL step with one network pass over both views against one
+   pass per view (the default), same batch.
 ``--quick`` runs only 1 and 2 at batch 128. ``--dry-run`` runs every part on the CPU with
 a tiny network, batch and image size, to catch mistakes before spending device time
 (tests/test_bench_gpu.py runs it).
@@ -88,14 +90,17 @@ def wcl_step_fn(
     release: bool = False,
     small_crops: int = 0,
     dtype: torch.dtype = torch.bfloat16,
+    concat_views: bool = False,
 ):
     """One WCL training step; ``release``: the release's way (labels through the host and
     SciPy, a dense mask, ``release`` gather), as bench/train_step.py defines it;
     ``small_crops``: multi-crop with that many crops of 96/224 the size per image;
-    ``dtype``: the autocast dtype (float16 with wcl's loss scaling, as train.amp=fp16)."""
+    ``dtype``: the autocast dtype (float16 with wcl's loss scaling, as train.amp=fp16);
+    ``concat_views``: one network pass over both views (model.concat_views)."""
     device = torch.device(s["device"])
     backbone = build_backbone(s["arch"])
-    model = WCL(backbone, s["dim"], s["hidden"], 256, gather_mode="release" if release else "exact")
+    model = WCL(backbone, s["dim"], s["hidden"], 256, concat_views=concat_views,
+                gather_mode="release" if release else "exact")  # fmt: skip
     model = model.to(device, memory_format=torch.channels_last)
     if compile_backbone:
         model.backbone = torch.compile(model.backbone)
@@ -310,6 +315,14 @@ def fp16_cost(s: dict, batch: int) -> None:
            parameters_finite=finite)  # fmt: skip
 
 
+def view_passes(s: dict, batch: int) -> None:
+    """One network pass over both views against one pass per view, same batch."""
+    per_view = seconds_per_call(wcl_step_fn(s, batch), s)
+    one_pass = seconds_per_call(wcl_step_fn(s, batch, concat_views=True), s)
+    report(check="view_passes_r50", batch=batch, per_view_step_s=per_view,
+           one_pass_step_s=one_pass, speedup=per_view / one_pass)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -332,6 +345,7 @@ def main() -> None:
         attempt(multicrop_cost, s, batches[0])
         attempt(bitwise_reruns, s, batches[0])
         attempt(fp16_cost, s, batches[0])
+        attempt(view_passes, s, batches[0])
         if not args.dry_run:  # compiling on the CPU takes minutes and tells nothing here
             # Last: compilation is the slowest and likeliest part to fail on a new machine.
             attempt(throughput, s, batches[0], compile_backbone=True)

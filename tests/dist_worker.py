@@ -2,7 +2,8 @@
 
 ``python -m torch.distributed.run --nproc_per_node=W tests/dist_worker.py OUT MODE STEPS``
 saves each rank's results to OUT/rank{r}.pt; tests call :func:`run` for one process.
-MODE is a gather mode, ``+small`` added for multi-crop (3 small crops per image).
+MODE is a gather mode, ``+small`` added for multi-crop (3 small crops per image) or
+``+concat`` for one network pass over both views (``model.concat_views``).
 Each process takes the contiguous slice rank*b : (rank+1)*b of every global batch, so
 the global batch has the same row order for any W.
 """
@@ -37,7 +38,7 @@ def _run(mode: str, steps: int) -> dict:
     backbone = build_backbone("resnet10", stem="small", in_channels=1, width=8)
     model = WCL(
         backbone, backbone.feature_dim, hidden_dim=32, out_dim=16, gather_mode=gather_mode,
-        small_k=2,
+        small_k=2, concat_views=extra == "concat",
     )  # fmt: skip
     net = model
     if info.world_size > 1:

@@ -23,7 +23,7 @@ def test_gpu_script_dry_run_reports_every_check(tmp_path):
                       "wcl_vs_supervised_r50_224", "wcl_step_ours_vs_release",
                       "cifar_resnet18_epoch_data_on_gpu", "hybrid_device_share_224",
                       "blur_kernels", "multicrop_cost_r50", "bitwise_reruns_r50",
-                      "fp16_vs_bf16_r50"]  # fmt: skip
+                      "fp16_vs_bf16_r50", "view_passes_r50"]  # fmt: skip
     for record in records[2:4]:
         assert record["wcl_images_per_s"] > 0 and record["supervised_images_per_s"] > 0
         # Step-time ratios agree with the images/s they come from.
@@ -40,6 +40,7 @@ def test_gpu_script_dry_run_reports_every_check(tmp_path):
     assert fp16["cost_ratio"] > 0 and fp16["parameters_finite"]
     # Each step that overflowed halved the scale from 65536 (1 warm-up + 1 timed step here).
     assert fp16["loss_scale"] in (65536.0, 32768.0, 16384.0)
+    assert records[11]["speedup"] > 0
 
 
 def test_a_failing_check_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):

@@ -38,14 +38,14 @@ def torchrun(*args, nproc=2, env=None):
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     runs = {}
-    for mode in ("exact", "release", "exact+small"):
+    for mode in ("exact", "release", "exact+small", "exact+concat"):
         out = tmp_path_factory.mktemp(mode.replace("+", "-"))
         torchrun(HERE / "dist_worker.py", out, mode, STEPS)
         runs[mode] = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     return runs
 
 
-@pytest.mark.parametrize("mode", ["exact", "release", "exact+small"])
+@pytest.mark.parametrize("mode", ["exact", "release", "exact+small", "exact+concat"])
 def test_losses_and_weak_labels_match_one_process(two_process_runs, mode):
     single = dist_worker.run(mode, STEPS)
     ranks = two_process_runs[mode]
@@ -67,7 +67,7 @@ def test_losses_and_weak_labels_match_one_process(two_process_runs, mode):
             assert torch.equal(got["labels2"], ref["labels2"])
 
 
-@pytest.mark.parametrize("mode", ["exact", "exact+small"])
+@pytest.mark.parametrize("mode", ["exact", "exact+small", "exact+concat"])
 def test_exact_mode_gives_the_same_parameter_updates(two_process_runs, mode):
     single = dist_worker.run(mode, STEPS)["params"]
     initial = dist_worker.run(mode, 0)["params"]

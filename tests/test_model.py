@@ -87,6 +87,30 @@ def test_two_forward_passes_keep_batchnorm_statistics_per_view():
     assert not torch.allclose(z_a, z_b[:8], atol=1e-3)  # a joint pass would change them
 
 
+@pytest.mark.parametrize("graph_weight", [1.0, 0.0])
+def test_concat_views_is_one_pass_over_both_views(graph_weight):
+    """model.concat_views: in eval mode (BatchNorm on running statistics) exactly the
+    per-view model's losses and labels; in train mode BatchNorm normalises over both views
+    at once, so the embeddings are those of the per-view model's embed() of the 2B images,
+    and its running statistics are updated once, from all 2B."""
+    x1, x2 = torch.randn(2, 12, 1, 28, 28, dtype=torch.float64)
+    one = tiny_wcl(graph_weight=graph_weight, concat_views=True).double().eval()
+    per_view = tiny_wcl(graph_weight=graph_weight).double().eval()
+    a, b = one(x1, x2), per_view(x1, x2)
+    for key in ("loss", "instance_loss", "graph_loss"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-12)
+    if graph_weight:
+        assert torch.equal(a["labels1"], b["labels1"]) and torch.equal(a["labels2"], b["labels2"])
+    one.train()
+    per_view.train()
+    z1, z2 = per_view.embed(torch.cat([x1, x2]))[0].chunk(2)
+    torch.testing.assert_close(one(x1, x2)["instance_loss"], instance_loss(z1, z2, 0.1))
+    bn = (one.backbone.bn1, per_view.backbone.bn1)
+    torch.testing.assert_close(bn[0].running_mean, bn[1].running_mean)
+    assert int(bn[0].num_batches_tracked) == 1  # one pass; per view would count 2
+    assert not torch.allclose(one(x1, x2)["loss"], per_view(x1, x2)["loss"])
+
+
 def test_forward_has_no_value_dependent_host_code():
     model = tiny_wcl().to("meta")
     x = torch.empty(16, 1, 28, 28, device="meta")

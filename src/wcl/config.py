@@ -88,6 +88,8 @@ class ModelConfig:
     graph_k: int = 1  # neighbours per node in the weak-label graph
     gather: str = "exact"  # exact | release (negatives from other processes without grad)
     sync_bn: bool = True  # SyncBatchNorm when several processes
+    # One network pass over both views (BatchNorm over both) instead of one per view
+    concat_views: bool = False
     small_k: int = 1  # multi-crop: nearest neighbours taken as a small crop's extra positives
     small_weight: float = 1.0  # multi-crop: weight of the small crops' losses
 

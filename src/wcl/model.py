@@ -52,6 +52,11 @@ class WCL(nn.Module):
     ``small_precision`` is the fraction of those neighbours that share the crop's class
     (over this process's crops; the logged figure is the mean over processes).
     Nothing in forward synchronises with the host (k=1).
+
+    ``concat_views``: one pass of backbone and heads over both views together (2B images)
+    instead of one per view. BatchNorm then normalises over both views at once (as SimCLR's
+    TensorFlow code does) rather than per view (SimCLR's PyTorch ports, the release and
+    this default); in eval mode both give the same results.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class WCL(nn.Module):
         gather_mode: str = "exact",
         small_k: int = 1,
         small_weight: float = 1.0,
+        concat_views: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -78,6 +84,7 @@ class WCL(nn.Module):
         self.gather_mode = gather_mode
         self.small_k = small_k
         self.small_weight = small_weight
+        self.concat_views = concat_views
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """L2-normalised (z, p) of one view: (B, out_dim) each; p is None without phi."""
@@ -92,9 +99,12 @@ class WCL(nn.Module):
         targets: torch.Tensor | None = None,
         small: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        # One pass per view keeps BatchNorm statistics per view, as SimCLR and the release do.
-        z1, p1 = self.embed(x1)
-        z2, p2 = self.embed(x2)
+        if self.concat_views:
+            z, p = self.embed(torch.cat([x1, x2]))
+            (z1, z2), (p1, p2) = z.chunk(2), (None, None) if p is None else p.chunk(2)
+        else:  # BatchNorm statistics per view, as the release and SimCLR's PyTorch ports
+            z1, p1 = self.embed(x1)
+            z2, p2 = self.embed(x2)
         z1_all, offset = dist.gather(z1, self.gather_mode)
         z2_all, _ = dist.gather(z2, self.gather_mode)
         out = {

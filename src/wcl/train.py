@@ -68,6 +68,7 @@ def build_model(cfg: Config) -> WCL:
         gather_mode=m.gather,
         small_k=m.small_k,
         small_weight=m.small_weight,
+        concat_views=m.concat_views,
     )
 
 
