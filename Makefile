@@ -60,6 +60,7 @@ bench: setup data
 	$(BIN)/python bench/multicrop.py
 	$(BIN)/python bench/layout.py
 	$(BIN)/python bench/view_passes.py
+	$(BIN)/python bench/worker_startup.py
 	@if [ -f runs/demo/wcl/last.pt ]; then $(BIN)/python bench/eval_cost.py runs/demo/wcl/last.pt; \
 	else echo "bench/eval_cost.py skipped: run make demo first (it needs runs/demo/wcl/last.pt)"; fi
 

@@ -3,6 +3,7 @@
 import json
 import math
 import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -115,6 +116,34 @@ def test_data_loader_workers_do_not_change_the_result(full_run, tmp_path, start_
     finally:
         multiprocessing.set_start_method(before, force=True)
     assert_same_weights(final_weights(run), final_weights(full_run))
+
+
+@pytest.mark.parametrize("mode", ["batch", "loader"])
+def test_batch_mode_keeps_its_workers_across_epochs(tmp_path, monkeypatch, mode):
+    """data.augment=batch: the workers only read raw images, so the same 2 workers serve
+    all 3 epochs (persistent_workers), and the weights are those of a run without
+    workers; in the other modes the dataset carries the epoch, so each epoch starts new
+    workers (6 starts)."""
+    import time
+
+    from wcl import train
+
+    starts = tmp_path / "starts"
+    starts.mkdir()
+
+    def counting_init(worker_id: int) -> None:
+        (starts / f"{os.getpid()}-{worker_id}-{time.monotonic_ns()}").touch()
+
+    monkeypatch.setattr(train, "ignore_preemption_signals", counting_init)
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("fork", force=True)  # the closure above is not picklable
+    try:
+        pretrain(tiny_config(tmp_path / "workers", f"data.augment={mode}", "data.workers=2"))
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert len(list(starts.iterdir())) == (2 if mode == "batch" else 6)
+    pretrain(tiny_config(tmp_path / "none", f"data.augment={mode}", "data.workers=0"))
+    assert_same_weights(final_weights(tmp_path / "workers"), final_weights(tmp_path / "none"))
 
 
 @pytest.mark.parametrize("mode", ["loader", "batch", "hybrid"])

@@ -215,6 +215,9 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
         pin_memory=device.type == "cuda",
         drop_last=True,
         worker_init_fn=ignore_preemption_signals,
+        # Workers that outlive the epoch save their start-up every epoch (seconds each
+        # under forkserver, Python 3.14's default): bench/worker_startup.py.
+        persistent_workers=cfg.data.workers > 0 and views.workers_may_persist,
     )
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:

@@ -110,6 +110,14 @@ class TrainingViews:
         )
         self.set_epoch(0, strong=False)
 
+    @property
+    def workers_may_persist(self) -> bool:
+        """Whether DataLoader workers may be kept from one epoch to the next
+        (``persistent_workers``): in ``batch`` mode they only read raw images, so nothing
+        in them depends on the epoch; in the other modes :meth:`set_epoch` must reach the
+        workers' copies of the dataset, which only new workers get."""
+        return self.mode == "batch"
+
     def set_epoch(self, epoch: int, strong: bool) -> None:
         """Select the epoch (it seeds every view) and the pipeline: weak, or ``strong``."""
         self.epoch = epoch
