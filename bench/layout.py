@@ -10,6 +10,7 @@ the layout for pre-training. Writes runs/bench/layout.json.
 
 import json
 import statistics
+from collections.abc import Callable
 
 import torch
 from benchkit import median_seconds, save_results
@@ -23,33 +24,53 @@ NETS = {
 }
 
 
-def step_seconds(spec: tuple, layout: torch.memory_format, steps: int = 6) -> float:
+def step_seconds(
+    spec: tuple,
+    layout: torch.memory_format = torch.channels_last,
+    concat_views: bool = False,
+    steps: int = 6,
+) -> float:
+    """Median seconds of forward + backward of the whole WCL model on random views."""
     arch, stem, channels, width, hidden, batch, size = spec
     torch.manual_seed(0)
     backbone = build_backbone(arch, stem, channels, width)
-    model = WCL(backbone, backbone.feature_dim, hidden, 128).to(memory_format=layout)
+    model = WCL(backbone, backbone.feature_dim, hidden, 128, concat_views=concat_views)
+    model = model.to(memory_format=layout)
     x1 = torch.randn(batch, channels, size, size).to(memory_format=layout)
     x2 = torch.randn_like(x1).to(memory_format=layout)
     return median_seconds(lambda: model(x1, x2)["loss"].backward(), steps, warmup=2)
 
 
-def main() -> None:
+def compare_steps(variants: dict[str, Callable[[tuple], float]], out_name: str) -> list[dict]:
+    """For every network, the step time of two variants (name -> measure(spec)),
+    alternated over 2 rounds; rows with each median and ratio = first / second, printed
+    as JSON lines and a markdown table, saved to runs/bench/``out_name``."""
+    (first, measure_first), (second, measure_second) = variants.items()
     rows = []
     for name, spec in NETS.items():
-        found: dict[str, list[float]] = {"contiguous": [], "channels_last": []}
+        found: dict[str, list[float]] = {first: [], second: []}
         for _ in range(2):
-            found["contiguous"].append(step_seconds(spec, torch.contiguous_format))
-            found["channels_last"].append(step_seconds(spec, torch.channels_last))
+            found[first].append(measure_first(spec))
+            found[second].append(measure_second(spec))
         row = {"net": name} | {k: statistics.median(v) for k, v in found.items()}
-        row["ratio"] = row["contiguous"] / row["channels_last"]
+        row["ratio"] = row[first] / row[second]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| network | contiguous | channels_last | ratio |")
+    print(f"\n| network | {first.replace('_', ' ')} | {second.replace('_', ' ')} | ratio |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['net']} | {r['contiguous'] * 1e3:.0f} ms | "
-              f"{r['channels_last'] * 1e3:.0f} ms | {r['ratio']:.2f}x |")  # fmt: skip
-    save_results("layout.json", rows)
+        print(f"| {r['net']} | {r[first] * 1e3:.0f} ms | "
+              f"{r[second] * 1e3:.0f} ms | {r['ratio']:.2f}x |")  # fmt: skip
+    save_results(out_name, rows)
+    return rows
+
+
+def main() -> None:
+    compare_steps(
+        {"contiguous": lambda spec: step_seconds(spec, torch.contiguous_format),
+         "channels_last": lambda spec: step_seconds(spec, torch.channels_last)},
+        "layout.json",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
