@@ -163,3 +163,19 @@ def test_a_leading_tilde_in_a_path_key_is_the_home_folder(tmp_path, monkeypatch)
     assert (ev.run.checkpoint, ev.run.out_dir) == (str(tmp_path / "ck.pt"), str(tmp_path / "ev"))
     with pytest.raises(ConfigError, match="must be one of"):  # other keys: taken as written
         load_config("fashion-mnist-demo", ["model.backbone=~/resnet50"])
+
+
+def test_misspelt_keys_and_values_get_a_suggestion():
+    from wcl.eval.config import load_eval_config
+
+    for override, message in (
+        ("train.epoch=3", "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+        ("trian.epochs=3", "unknown config section 'trian' (did you mean 'train'?)"),
+        ("data.augment=bach", "got 'bach' (did you mean 'batch'?)"),
+        ("train.zzz=3", "unknown config key 'train.zzz'; valid keys in 'train'"),  # none close
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_config("fashion-mnist-demo", [override])
+        assert message in str(err.value)
+    with pytest.raises(ConfigError, match=r"got 'fp61' \(did you mean 'fp16'\?\)"):
+        load_eval_config("knn", "knn-small", ["run.amp=fp61"])

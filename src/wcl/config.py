@@ -9,6 +9,7 @@ raised before any work starts. Batch sizes are *global* (all processes together)
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -38,6 +39,7 @@ __all__ = [
     "apply_overrides",
     "config_changes",
     "flatten",
+    "check_choices",
     "small_crop_size",
     "AMP_CHOICES",
 ]
@@ -223,6 +225,12 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
 PATH_KEYS = ("root", "out_dir", "checkpoint", "subset_file")
 
 
+def _did_you_mean(word: str, choices: Collection[str], prefix: str = "") -> str:
+    """' (did you mean 'x'?)' for the closest of ``choices`` to a misspelt ``word``, or ''."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
 def sections_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
     """An instance of ``cls`` (a dataclass of dataclass sections) from nested dicts.
 
@@ -236,7 +244,10 @@ def sections_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
     sections = {f.name: f for f in dataclasses.fields(cls)}
     for name, values in raw.items():
         if name not in sections:
-            raise ConfigError(f"unknown config section {name!r}; valid sections: {list(sections)}")
+            raise ConfigError(
+                f"unknown config section {name!r}{_did_you_mean(name, sections)}; valid "
+                f"sections: {list(sections)}"
+            )
         if not isinstance(values, dict):
             raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
         section = getattr(cfg, name)
@@ -244,7 +255,8 @@ def sections_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
         for key, value in values.items():
             if key not in hints:
                 raise ConfigError(
-                    f"unknown config key '{name}.{key}'; valid keys in {name!r}: {sorted(hints)}"
+                    f"unknown config key '{name}.{key}'{_did_you_mean(key, hints, name + '.')}; "
+                    f"valid keys in {name!r}: {sorted(hints)}"
                 )
             value = _check_type(f"{name}.{key}", value, hints[key])
             if key in PATH_KEYS and isinstance(value, str):
@@ -260,12 +272,20 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+def check_choices(flat: dict[str, Any], choices: dict[str, Collection[str]]) -> None:
+    """ConfigError naming the first key of ``flat`` whose value is not among its choices."""
+    for key, allowed in choices.items():
+        if key in flat and flat[key] not in allowed:
+            hint = _did_you_mean(flat[key], allowed) if isinstance(flat[key], str) else ""
+            raise ConfigError(
+                f"config key {key!r} must be one of {tuple(allowed)}, got {flat[key]!r}{hint}"
+            )
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks, and the combinations that cannot work."""
     flat = flatten(cfg.to_dict())
-    for key, choices in CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"config key {key!r} must be one of {choices}, got {flat[key]!r}")
+    check_choices(flat, CHOICES)
     for key in POSITIVE:
         if flat[key] is not None and flat[key] <= 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {flat[key]!r}")

@@ -16,6 +16,7 @@ from wcl.config import (
     AMP_CHOICES,
     PRESET_DIR,
     ConfigError,
+    check_choices,
     flatten,
     preset_names,
     preset_path,
@@ -187,9 +188,7 @@ def _validate(flat: dict[str, Any]) -> None:
         if key in flat and flat[key] is not None and not ok:
             raise ConfigError(f"config key {key!r} must be {need}, got {flat[key]!r}")
 
-    for key, choices in _CHOICES.items():
-        if key in flat and flat[key] not in choices:
-            raise ConfigError(f"config key {key!r} must be one of {choices}, got {flat[key]!r}")
+    check_choices(flat, _CHOICES)
     for key in _POSITIVE:
         check(key, flat.get(key) is None or flat[key] > 0, "> 0")
     for key in _NON_NEGATIVE:
