@@ -121,9 +121,9 @@ def test_data_loader_workers_do_not_change_the_result(full_run, tmp_path, start_
 @pytest.mark.parametrize("mode", ["batch", "loader"])
 def test_batch_mode_keeps_its_workers_across_epochs(tmp_path, monkeypatch, mode):
     """data.augment=batch: the workers only read raw images, so the same 2 workers serve
-    all 3 epochs (persistent_workers), and the weights are those of a run without
-    workers; in the other modes the dataset carries the epoch, so each epoch starts new
-    workers (6 starts)."""
+    all 3 epochs (persistent_workers) and are stopped when the run ends, and the weights
+    are those of a run without workers; in the other modes the dataset carries the
+    epoch, so each epoch starts new workers (6 starts)."""
     import time
 
     from wcl import train
@@ -142,6 +142,9 @@ def test_batch_mode_keeps_its_workers_across_epochs(tmp_path, monkeypatch, mode)
     finally:
         multiprocessing.set_start_method(before, force=True)
     assert len(list(starts.iterdir())) == (2 if mode == "batch" else 6)
+    # Stopped when the run ends: workers ignore SIGTERM, so one left alive would hold the
+    # interpreter's exit (multiprocessing terminates, then joins, daemon children).
+    assert multiprocessing.active_children() == []
     pretrain(tiny_config(tmp_path / "none", f"data.augment={mode}", "data.workers=0"))
     assert_same_weights(final_weights(tmp_path / "workers"), final_weights(tmp_path / "none"))
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from wcl import dist
@@ -50,6 +51,7 @@ __all__ = [
     "keep_epoch_copy",
     "load_model_state",
     "save_run_checkpoint",
+    "workers_stopped_after",
 ]
 
 # EX_TEMPFAIL from sysexits.h: "try again later", what a requeueing job script tests for.
@@ -193,6 +195,25 @@ class PreemptionFlag:
         if number:
             self.received = signal.Signals(number).name
         return bool(number)
+
+
+@contextlib.contextmanager
+def workers_stopped_after(loader: DataLoader) -> Iterator[None]:
+    """Stop ``loader``'s persistent workers when the block ends, however it ends.
+
+    They ignore SIGTERM (:func:`ignore_preemption_signals`), and multiprocessing's exit
+    handler stops leftover daemon processes with SIGTERM before joining them: a worker
+    still alive then would hold the interpreter's exit forever. torch 2.4 keeps them alive
+    after the loader goes out of scope (seen: a finished run that never exited).
+    DataLoader has no public call for this, hence its iterator's own shutdown.
+    """
+    try:
+        yield
+    finally:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            loader._iterator = None
+            iterator._shutdown_workers()
 
 
 def ignore_preemption_signals(worker_id: int) -> None:

@@ -48,6 +48,7 @@ from wcl.run import (
     keep_epoch_copy,
     load_model_state,
     save_run_checkpoint,
+    workers_stopped_after,
 )
 
 __all__ = ["build_model", "pretrain"]
@@ -274,7 +275,11 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     skipped, batch = 0, cfg.train.batch_size
     count_skipped = cfg.train.nonfinite == "skip" or scaler.is_enabled()
     scale = scaler.get_scale()  # the float16 loss scale (1.0 when off)
-    with deterministic_algorithms(cfg.train.deterministic), PreemptionFlag() as preemption:
+    with (
+        deterministic_algorithms(cfg.train.deterministic),
+        PreemptionFlag() as preemption,
+        workers_stopped_after(loader),
+    ):
         for epoch in range(state.epoch, cfg.train.epochs):
             state.epoch = epoch
             sampler.set_epoch(epoch)
