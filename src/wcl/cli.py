@@ -7,7 +7,8 @@ import json
 import sys
 from collections.abc import Callable
 
-from wcl.config import AMP_CHOICES, PRESET_DIR, ConfigError, load_config, preset_names
+from wcl.config import AMP_CHOICES, load_config
+from wcl.config_files import PRESET_DIR, ConfigError, preset_names
 
 __all__ = ["main"]
 

@@ -1,8 +1,7 @@
-"""Typed configuration: dataclasses, YAML presets, dotted overrides, validation.
+"""Typed pre-training configuration: the sections as dataclasses, and their checks.
 
-A preset is a YAML file with the sections below; ``base: other.yaml`` (relative to the
-preset) starts from another preset. Overrides are ``section.key=value`` strings whose
-value is read as YAML. Every unknown key and every bad value is an error naming the key,
+The files, presets and ``section.key=value`` overrides they come from are read by
+:mod:`wcl.config_files`. Every unknown key and every bad value is an error naming the key,
 raised before any work starts. Batch sizes are *global* (all processes together).
 """
 
@@ -12,7 +11,6 @@ import dataclasses
 import difflib
 import math
 import os
-import re
 import types
 import typing
 from collections.abc import Collection
@@ -20,8 +18,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
+from wcl.config_files import (
+    PRESET_DIR,
+    ConfigError,
+    apply_overrides,
+    preset_names,
+    preset_path,
+    read_config,
+)
 
+# ConfigError, PRESET_DIR and the readers live in wcl.config_files; named here too, where
+# callers have always found them.
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -44,15 +51,10 @@ __all__ = [
     "AMP_CHOICES",
 ]
 
-PRESET_DIR = Path(__file__).parent / "configs"
 # Mixed precision (train.amp, the eval configs' run.amp, wcl embed --amp); auto is bf16 on
 # GPUs that have it natively, fp16 (with loss scaling) on older ones, float32 on CPUs.
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key."""
 
 
 @dataclass
@@ -383,103 +385,6 @@ def config_changes(
         for key in sorted(old.keys() | new.keys())
         if key not in may_change and old.get(key) != new.get(key)
     ]
-
-
-def preset_names(folder: Path = PRESET_DIR, kind: str | None = None) -> list[str]:
-    """Sorted names of the presets shipped in ``folder``; only the ``kind-*`` ones if given."""
-    return sorted(p.stem for p in folder.glob(f"{kind}-*.yaml" if kind else "*.yaml"))
-
-
-def preset_path(
-    name_or_path: str | Path, folder: Path = PRESET_DIR, kind: str | None = None
-) -> Path:
-    """A YAML file path, or the name of a preset shipped in ``folder`` (default ``wcl/configs``).
-
-    When it is neither, the ``ConfigError`` names the value and the shipped presets (only the
-    ``kind-*`` ones, e.g. ``linear-*``, when ``kind`` is given).
-    """
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = folder / f"{path.stem}.yaml"
-    if shipped.is_file():
-        return shipped
-    shipped_kind = f"{kind} presets" if kind else "presets"
-    raise ConfigError(
-        f"config file {str(name_or_path)!r} not found; "
-        f"shipped {shipped_kind}: {preset_names(folder, kind)}"
-    )
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        both = isinstance(out.get(key), dict) and isinstance(value, dict)
-        out[key] = _merge(out[key], value) if both else value
-    return out
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (YAML 1.1) with two YAML 1.2 rules: only true / false are
-    booleans, so ``off``, ``on``, ``yes`` and ``no`` stay strings (``train.amp=off``), and
-    any number with an exponent is a float (``optim.weight_decay=1e-6``)."""
-
-
-_YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # safe: a SafeLoader subclass
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    if path.resolve() in seen:
-        raise ConfigError(f"config {str(path)!r}: 'base' chain loops back on itself")
-    try:
-        raw = _load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), raw)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (value parsed as YAML) to nested dicts."""
-    out = _merge({}, raw)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        try:
-            value = _load_yaml(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
-        out.setdefault(parts[0], {})
-        if not isinstance(out[parts[0]], dict):
-            raise ConfigError(f"config section {parts[0]!r} must be a mapping")
-        out[parts[0]][parts[1]] = value
-    return out
-
-
-def read_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Nested dicts of a preset or YAML file (``base`` chain resolved) with overrides applied."""
-    return apply_overrides(_read_yaml(preset_path(path)), overrides or [])
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

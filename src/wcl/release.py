@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from wcl.checkpoint import CheckpointError, save_checkpoint
-from wcl.config import Config, read_config, sections_from_dict
+from wcl.config import Config, sections_from_dict
+from wcl.config_files import read_config
 from wcl.model import WCL
 from wcl.weights import backbone_state, infer_spec, read_weights
 

@@ -12,17 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wcl.config import (
-    AMP_CHOICES,
-    PRESET_DIR,
-    ConfigError,
-    check_choices,
-    flatten,
-    preset_names,
-    preset_path,
-    read_config,
-    sections_from_dict,
-)
+from wcl.config import AMP_CHOICES, check_choices, flatten, sections_from_dict
+from wcl.config_files import PRESET_DIR, ConfigError, preset_names, preset_path, read_config
 
 __all__ = [
     "EVAL_PRESET_DIR",
