@@ -651,3 +651,22 @@ def test_cuda_matches_cpu() -> None:
     gpu = aug.to("cuda")(images.cuda(), seeds)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+def test_views_stay_float32_under_autocast(monkeypatch):
+    """A caller's autocast (bf16 here) leaves the views exactly as without it. On a GPU the
+    blur is convolutions, which autocast would run in bf16 and then fail to copy back
+    into the float32 batch (found by the first bench/gpu.py run): the CPU stands in,
+    with the GPU's blur."""
+    from wcl.data import batch_augment
+    from wcl.data.batch_ops import depthwise_gaussian_blur
+
+    monkeypatch.setattr(batch_augment, "gaussian_blur", depthwise_gaussian_blur)
+    aug = batch_strong_pipeline(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), blur_prob=1.0)
+    images = torch.randint(0, 256, (6, 3, 40, 36), dtype=torch.uint8)
+    seeds = torch.arange(6) + 11
+    plain = aug(images, seeds)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = aug(images, seeds)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, plain)

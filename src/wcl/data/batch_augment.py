@@ -39,6 +39,7 @@ Known (small) differences from the per-image pipeline:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -310,19 +311,28 @@ class BatchAugment(torch.nn.Module):
                 f"crop=False needs {self.size} x {self.size} crops, got {tuple(images.shape[-2:])}"
             )
         params = self.sample_params(seeds, images.shape[-2], images.shape[-1])
-        if images.device.type != "cpu" or len(images) == 0:
-            return self.apply(images, params, crop)
-        # On a CPU, a few samples at a time keep the float intermediates in cache.
-        per_sample = images.shape[1] * max(images[0, 0].numel(), self.size**2)
-        step = max(1, _CPU_CHUNK_ELEMENTS // per_sample)
-        return torch.cat(
-            [
-                self.apply(
-                    images[i : i + step], {k: v[i : i + step] for k, v in params.items()}, crop
-                )
-                for i in range(0, len(images), step)
-            ]
+        # float32 views whatever autocast the caller runs under: autocast would turn the
+        # blur's convolutions (on GPUs) into bf16 / fp16 and mix dtypes within a batch.
+        device_type = images.device.type
+        no_autocast = (
+            torch.autocast(device_type, enabled=False)
+            if device_type in ("cpu", "cuda")
+            else contextlib.nullcontext()
         )
+        with no_autocast:
+            if device_type != "cpu" or len(images) == 0:
+                return self.apply(images, params, crop)
+            # On a CPU, a few samples at a time keep the float intermediates in cache.
+            per_sample = images.shape[1] * max(images[0, 0].numel(), self.size**2)
+            step = max(1, _CPU_CHUNK_ELEMENTS // per_sample)
+            return torch.cat(
+                [
+                    self.apply(
+                        images[i : i + step], {k: v[i : i + step] for k, v in params.items()}, crop
+                    )
+                    for i in range(0, len(images), step)
+                ]
+            )
 
 
 def _strengths(base: tuple[float, float, float, float], jitter: float) -> tuple[float, ...]:
