@@ -30,6 +30,7 @@ __all__ = [
     "Setup",
     "open_run",
     "resolve_device",
+    "gathered_features",
     "sharded_features",
     "split_features",
     "start_run",
@@ -159,10 +160,21 @@ def write_results(setup: Setup, cfg: Any, command: str, results: dict[str, Any])
     return path
 
 
-def sharded_features(
-    cfg: Any, setup: Setup, dataset: Dataset, desc: str
+def gathered_features(
+    backbone: torch.nn.Module,
+    dataset: Dataset,
+    transform: Any,
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+    progress: bool = False,
+    *,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
+    desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre-crop features (N, C) float32 and targets (N,) int64 of ``dataset``, on the CPU.
+    """:func:`wcl.eval.features.extract_features` split over processes: (N, C) float32
+    features and (N,) int64 targets of all of ``dataset``, on the CPU, on every process.
 
     Each process extracts its share (samples r, r + W, ...) and the shares are gathered, so
     every process ends with all N rows in dataset order; every process must call this.
@@ -171,8 +183,20 @@ def sharded_features(
     if n < world:
         raise ConfigError(f"{desc}: {n} images cannot be shared by {world} processes")
     feats, targets = extract_features(
+        backbone, shard(dataset), transform, batch_size, device, workers, progress,
+        amp=amp, channels_last=channels_last, desc=desc,
+    )  # fmt: skip
+    return gather_shards(feats, n, device), gather_shards(targets, n, device)
+
+
+def sharded_features(
+    cfg: Any, setup: Setup, dataset: Dataset, desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre-crop features (N, C) float32 and targets (N,) int64 of ``dataset``, on the CPU,
+    on every process (:func:`gathered_features` with the eval config's settings)."""
+    return gathered_features(
         setup.backbone.module.to(setup.device),
-        shard(dataset),
+        dataset,
         eval_transform(cfg.data, setup.channels),
         cfg.run.eval_batch_size,
         setup.device,
@@ -182,7 +206,6 @@ def sharded_features(
         channels_last=True,  # faster on GPUs and, with oneDNN, on CPUs
         desc=desc,
     )
-    return gather_shards(feats, n, setup.device), gather_shards(targets, n, setup.device)
 
 
 def split_features(

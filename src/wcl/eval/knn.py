@@ -20,11 +20,17 @@ from torch.utils.data import Dataset
 
 from wcl import dist
 from wcl.config import ConfigError
-from wcl.eval.common import open_run, split_features, start_run, write_results
+from wcl.eval.common import (
+    gathered_features,
+    open_run,
+    split_features,
+    start_run,
+    write_results,
+)
 from wcl.eval.config import KnnConfig
 from wcl.eval.data import load_splits
 from wcl.eval.features import extract_features
-from wcl.eval.shards import gather_shards, my_share, shard, sum_over_processes
+from wcl.eval.shards import my_share, shard, sum_over_processes
 
 __all__ = [
     "knn_accuracies",
@@ -215,15 +221,12 @@ def knn_monitor(
     processes go and with no process left waiting at a collective while one works alone.
     """
     device = next(backbone.parameters()).device
-    n_bank, n_queries, world = len(train_set), len(test_set), dist.world_size()  # type: ignore[arg-type]
-    if min(n_bank, n_queries) < world:
-        raise ValueError(f"kNN monitor: {n_bank} bank and {n_queries} query images cannot be "
-                         f"shared by {world} processes")  # fmt: skip
-    feats, labels = extract_features(
-        backbone, shard(train_set), transform, batch_size, device, workers, amp=amp,
-        desc="knn bank",
-    )  # fmt: skip
-    feats, labels = gather_shards(feats, n_bank, device), gather_shards(labels, n_bank, device)
+    n_queries, world = len(test_set), dist.world_size()  # type: ignore[arg-type]
+    if n_queries < world:  # before any work: a process without queries would strand the rest
+        raise ConfigError(f"knn test: {n_queries} images cannot be shared by {world} processes")
+    feats, labels = gathered_features(
+        backbone, train_set, transform, batch_size, device, workers, amp=amp, desc="knn bank"
+    )
     test_feats, test_labels = extract_features(
         backbone, shard(test_set), transform, batch_size, device, workers, amp=amp,
         desc="knn test",
