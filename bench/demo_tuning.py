@@ -14,7 +14,7 @@ from pathlib import Path
 
 from wcl.config import load_config
 from wcl.data import build_dataset, dataset_stats, eval_pipeline
-from wcl.demo import _backbone, _evaluate
+from wcl.demo import backbone_or_random, evaluate_features
 from wcl.eval import extract_features
 from wcl.train import pretrain
 
@@ -33,10 +33,10 @@ def main() -> None:
     train_set = build_dataset(d.dataset, d.root, train=True, channels=d.channels)
     test_set = build_dataset(d.dataset, d.root, train=False, channels=d.channels)
     transform = eval_pipeline(d.image_size, *dataset_stats(d.dataset, d.channels))
-    net = _backbone(cfg, out / "last.pt")
+    net = backbone_or_random(cfg, out / "last.pt")
     train = extract_features(net, train_set, transform, batch_size=512)
     test = extract_features(net, test_set, transform, batch_size=512)
-    scores = _evaluate(args.name, train, test, 10, cfg.train.seed)
+    scores = evaluate_features(train, test, 10, cfg.train.seed)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     speed = [r["images_per_s"] for r in rows if "images_per_s" in r]
     record = {"name": args.name, "overrides": args.set, "pretrain_s": round(seconds, 1),

@@ -23,7 +23,13 @@ from wcl.report import write_report
 from wcl.train import build_model, pretrain
 from wcl.weights import load_backbone
 
-__all__ = ["run_demo", "LINEAR_EPOCHS", "EMBEDDING_POINTS"]
+__all__ = [
+    "run_demo",
+    "backbone_or_random",
+    "evaluate_features",
+    "LINEAR_EPOCHS",
+    "EMBEDDING_POINTS",
+]
 
 LINEAR_EPOCHS = 30  # linear probe on cached features (not the 80-epoch release protocol)
 EMBEDDING_POINTS = 2000  # test images kept for the t-SNE map
@@ -57,7 +63,9 @@ def _linear_top1(train: tuple, test: tuple, num_classes: int, seed: int) -> floa
     return 100.0 * float((pred == test[1]).float().mean())
 
 
-def _evaluate(name: str, train: tuple, test: tuple, num_classes: int, seed: int) -> dict:
+def evaluate_features(train: tuple, test: tuple, num_classes: int, seed: int) -> dict:
+    """kNN (k = 200 and 20, T = 0.07) and linear-probe top-1 (%) of cached features:
+    ``train`` and ``test`` are (features (N, D), targets (N,)) pairs."""
     knn = knn_accuracies(*train, *test, ks=KNN_KS, t=0.07, num_classes=num_classes)
     return {
         "knn_top1": knn[200]["top1"],
@@ -68,7 +76,7 @@ def _evaluate(name: str, train: tuple, test: tuple, num_classes: int, seed: int)
     }
 
 
-def _backbone(cfg: Config, checkpoint: Path | None) -> torch.nn.Module:
+def backbone_or_random(cfg: Config, checkpoint: Path | None) -> torch.nn.Module:
     """The pre-trained backbone of ``checkpoint``, or the config's network freshly
     initialised (seeded) when there is none; in eval mode."""
     if checkpoint is not None:
@@ -118,9 +126,9 @@ def run_demo(cfg: Config, out_dir: str | Path) -> dict:
     transform = eval_pipeline(d.image_size, *dataset_stats(d.dataset, d.channels))
     num_classes = len(train_set.classes)
     backbones = {
-        "wcl": _backbone(cfg, out / "wcl" / "last.pt"),
-        "simclr": _backbone(cfg, out / "simclr" / "last.pt"),
-        "random_init": _backbone(cfg, None),
+        "wcl": backbone_or_random(cfg, out / "wcl" / "last.pt"),
+        "simclr": backbone_or_random(cfg, out / "simclr" / "last.pt"),
+        "random_init": backbone_or_random(cfg, None),
     }
     features = {
         name: (
@@ -138,8 +146,8 @@ def run_demo(cfg: Config, out_dir: str | Path) -> dict:
     }
     methods = {}
     for name, (train, test) in features.items():
-        methods[name] = {"label": labels[name]} | _evaluate(
-            name, train, test, num_classes, cfg.train.seed
+        methods[name] = {"label": labels[name]} | evaluate_features(
+            train, test, num_classes, cfg.train.seed
         )
         if name in pretrain_seconds:
             methods[name]["pretrain"] = f"{cfg.train.epochs} epochs, {pretrain_seconds[name]:.0f} s"
