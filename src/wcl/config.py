@@ -90,7 +90,10 @@ class ModelConfig:
     temperature: float = 0.1
     graph_weight: float = 1.0  # 0 = plain SimCLR
     graph_k: int = 1  # neighbours per node in the weak-label graph
-    gather: str = "exact"  # exact | release (negatives from other processes without grad)
+    # exact: every candidate carries gradient (W processes = 1 process) | release: the
+    # authors' gradient paths (other processes' instance candidates and every graph-loss
+    # candidate without gradient)
+    gather: str = "exact"
     sync_bn: bool = True  # SyncBatchNorm when several processes
     # One network pass over both views (BatchNorm over both) instead of one per view
     concat_views: bool = False
@@ -107,6 +110,9 @@ class OptimConfig:
     weight_decay: float = 1e-6
     trust_coefficient: float = 1e-3  # LARS
     warmup_epochs: float = 10.0  # linear warm-up, weak augmentation during it
+    # Parameters LARS neither decays nor adapts: type (normalisation layers and biases) |
+    # name (the release's rule: "bn" or "bias" in the parameter's name)
+    lars_exclude: str = "type"
 
 
 @dataclass
@@ -152,6 +158,7 @@ CHOICES = {
     "model.stem": ("imagenet", "small", "small-s2"),
     "model.gather": ("exact", "release"),
     "optim.lr_scaling": ("sqrt", "linear", "none"),
+    "optim.lars_exclude": ("type", "name"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dist_backend": ("auto", "nccl", "gloo"),
     "train.amp": AMP_CHOICES,

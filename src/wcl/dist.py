@@ -245,9 +245,12 @@ def _convert_to_cpu_sync(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
         module, (nn.SyncBatchNorm, _CPUSyncBatchNorm)
     ):
+        # The original's dtype and device: a float64 model stays float64.
+        like = [*module.parameters(), *module.buffers()]
+        factory = {"dtype": like[0].dtype, "device": like[0].device} if like else {}
         synced = _CPUSyncBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats,
+            module.track_running_stats, **factory,
         )  # fmt: skip
         synced.load_state_dict(module.state_dict())
         synced.train(module.training)

@@ -53,6 +53,12 @@ class WCL(nn.Module):
     (over this process's crops; the logged figure is the mean over processes).
     Nothing in forward synchronises with the host (k=1).
 
+    ``gather_mode``: "exact" gathers every candidate with gradient, so W processes compute
+    one process's update on the whole batch. "release" follows the authors' gradient
+    paths at any W, one process included: the instance losses' candidates from other
+    processes carry no gradient (local ones do), and no candidate of the graph losses
+    carries any (their gradient reaches the network through the anchors only).
+
     ``concat_views``: one pass of backbone and heads over both views together (2B images)
     instead of one per view. BatchNorm then normalises over both views at once (as SimCLR's
     TensorFlow code does) rather than per view (SimCLR's PyTorch ports, the release and
@@ -92,6 +98,18 @@ class WCL(nn.Module):
         p = None if self.phi is None else F.normalize(self.phi(h), dim=1)
         return F.normalize(self.g(h), dim=1), p
 
+    def _graph_candidates(self, p: torch.Tensor) -> torch.Tensor:
+        """The global batch's ``phi`` features (N, d) that the graph loss contrasts with.
+
+        exact: gathered with gradient (W processes = 1 process). release: gathered without
+        any, the process's own rows included, so the graph loss (and multi-crop's kNN
+        loss, which uses the same candidates) reaches the network through its anchors
+        only, as in the authors' code (docs/design.md, "The authors' release").
+        """
+        if self.gather_mode == "release":
+            return dist.gather_no_grad(p.detach())
+        return dist.gather(p, self.gather_mode)[0]
+
     def forward(
         self,
         x1: torch.Tensor,
@@ -113,8 +131,7 @@ class WCL(nn.Module):
             )
         }
         if self.phi is not None:
-            p1_all, _ = dist.gather(p1, self.gather_mode)
-            p2_all, _ = dist.gather(p2, self.gather_mode)
+            p1_all, p2_all = self._graph_candidates(p1), self._graph_candidates(p2)
             # Every process builds the same labels from the same gathered features.
             labels = (weak_labels(p1_all, self.k), weak_labels(p2_all, self.k))
             out["graph_loss"] = weak_label_loss(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LARS", "NORM_LAYERS", "lr_at", "param_groups", "scaled_lr", "set_lr"]
+__all__ = ["LARS", "LARS_EXCLUDE", "NORM_LAYERS", "lr_at", "param_groups", "scaled_lr", "set_lr"]
 
 # Every module whose parameters are affine scale/shift of a normalisation. _NormBase covers
 # BatchNorm{1,2,3}d, their Lazy variants, SyncBatchNorm and InstanceNorm{1,2,3}d.
@@ -131,19 +131,38 @@ def _is_excluded(module: nn.Module, local_name: str) -> bool:
     return isinstance(module, NORM_LAYERS) or local_name == "bias"
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+LARS_EXCLUDE = ("type", "name")
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, exclude: str = "type"
+) -> list[dict[str, Any]]:
     """Split trainable parameters into a LARS group and an excluded (no decay/adaptation) group.
 
-    Excluded: every parameter of a normalisation layer (chosen by module type, see
+    exclude "type": every parameter of a normalisation layer (chosen by module type, see
     ``NORM_LAYERS``) and every parameter registered under the attribute name ``bias``.
+    exclude "name": the authors' rule, every parameter whose full name (as
+    ``model.named_parameters()`` gives it) contains "bn" or "bias". On a torchvision ResNet
+    it adapts and decays the weight of the BatchNorm at ``downsample.1``, and on WCL's
+    heads the weights of their BatchNorms (``g.1``, ``g.4``, ...), as the release does.
     A parameter shared between modules appears once, and is excluded if any owner excludes
     it. Parameters with ``requires_grad=False`` are left out.
     """
-    excluded_ids: set[int] = set()
-    for module in model.modules():
-        for local_name, p in module.named_parameters(recurse=False):
-            if _is_excluded(module, local_name):
-                excluded_ids.add(id(p))
+    if exclude not in LARS_EXCLUDE:
+        raise ValueError(f"exclude must be one of {LARS_EXCLUDE}, got {exclude!r}")
+    if exclude == "name":
+        excluded_ids = {
+            id(p)
+            for name, p in model.named_parameters(remove_duplicate=False)
+            if "bn" in name or "bias" in name
+        }
+    else:
+        excluded_ids = {
+            id(p)
+            for module in model.modules()
+            for local_name, p in module.named_parameters(recurse=False)
+            if _is_excluded(module, local_name)
+        }
     adapted: list[nn.Parameter] = []
     excluded: list[nn.Parameter] = []
     # model.parameters() de-duplicates shared parameters and fixes a deterministic order.

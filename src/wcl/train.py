@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ from wcl.run import (
     workers_stopped_after,
 )
 
-__all__ = ["build_model", "pretrain"]
+__all__ = ["build_model", "build_optimizer", "lr_schedule", "pretrain"]
 
 
 def build_model(cfg: Config) -> WCL:
@@ -71,6 +72,22 @@ def build_model(cfg: Config) -> WCL:
         small_weight=m.small_weight,
         concat_views=m.concat_views,
     )
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> LARS:
+    """LARS over ``model``'s parameters as ``cfg.optim`` says; its lr is set every step."""
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay, o.lars_exclude)
+    return LARS(groups, lr=0.0, momentum=o.momentum, trust_coefficient=o.trust_coefficient)
+
+
+def lr_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    """step -> learning rate: the scaled peak, linear warm-up from 0, cosine to final_lr."""
+    o = cfg.optim
+    peak = scaled_lr(o.lr, cfg.train.batch_size, o.lr_scaling)
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = round(o.warmup_epochs * steps_per_epoch)
+    return lambda step: lr_at(step, peak, warmup, total, o.final_lr)
 
 
 def _training_data(cfg: Config, run_dir: Path) -> tuple[TrainingViews, list[str]]:
@@ -237,15 +254,9 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
     net = DistributedDataParallel(model) if world > 1 else model
-    optimizer = LARS(
-        param_groups(model, cfg.optim.weight_decay),
-        lr=0.0,
-        momentum=cfg.optim.momentum,
-        trust_coefficient=cfg.optim.trust_coefficient,
-    )
-    peak_lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)
+    optimizer = build_optimizer(cfg, model)
+    schedule = lr_schedule(cfg, steps_per_epoch)
     total_steps = cfg.train.epochs * steps_per_epoch
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     autocast_dtype = amp_dtype(cfg.train.amp, device)
     scaler = grad_scaler(device, autocast_dtype)  # passes through unless float16
 
@@ -295,7 +306,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
                 initial=state.step - epoch * steps_per_epoch, total=steps_per_epoch,
             )  # fmt: skip
             for loaded in bar:
-                lr = lr_at(state.step, peak_lr, warmup_steps, total_steps, cfg.optim.final_lr)
+                lr = schedule(state.step)
                 set_lr(optimizer, lr)
                 x1, x2, targets, small = views.make(loaded, device, memory_format)
                 targets = targets.to(device, non_blocking=True) if labelled else None
