@@ -22,6 +22,28 @@ def _eval_presets(kind: str) -> str:
     return ", ".join(preset_names(PRESET_DIR / "eval", kind))
 
 
+def _examples(*commands: str) -> str:
+    """An epilog of example command lines, one a line (tests/test_cli_help.py runs each
+    through this parser and checks the config it would load)."""
+    if len(commands) == 1:
+        return f"example: {commands[0]}"
+    return "examples:\n" + "\n".join(f"  {command}" for command in commands)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that an epilog of :func:`_examples` is printed as
+    written: wrapped to the terminal, a copied example would lose its last options."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(("example: ", "examples:\n")):
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
+# A real key of each evaluation's own section, for the --set help ("epochs" is no knn key).
+_SET_EXAMPLES = {"linear": "linear.epochs=10", "knn": "knn.k=20", "finetune": "finetune.epochs=10"}
+
+
 def _user_errors(run: Callable[[], int]) -> int:
     """Run a subcommand; a bad file or a missing package is one line on stderr, exit 1."""
     from wcl.checkpoint import CheckpointError
@@ -139,6 +161,11 @@ def _embed(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         print(f"{result.count} x {result.dim} embeddings: {result.array} (paths: {result.paths})")
+        if result.skipped:
+            print(
+                f"{len(result.skipped)} files did not decode and have no row: listed with "
+                f"their reasons in {result.skipped_list}"
+            )
         return 0
 
     return _user_errors(run)
@@ -156,7 +183,8 @@ def _add_eval_args(sub: argparse.ArgumentParser, kind: str, resumable: bool) -> 
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"override a config key, e.g. --set {kind}.epochs=10 (repeatable; value read as YAML)",
+        help=f"override a config key, e.g. --set {_SET_EXAMPLES[kind]} (repeatable; value read "
+        "as YAML)",
     )
     if resumable:
         sub.add_argument(
@@ -221,6 +249,8 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
             "and writes report.md / report.html with figures. Re-running continues an "
             "interrupted demo."
         ),
+        epilog=_examples("wcl demo --out runs/demo-3ep --set train.epochs=3"),
+        formatter_class=_HelpFormatter,
     )
     demo.add_argument("--config", default="fashion-mnist-demo", help="preset or YAML file")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -233,6 +263,8 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
         help="redraw figures and report.md/html of a run or demo directory",
         description="Redraw the figures, report.md and report.html from a run directory's "
         "metrics files (a pre-training run, or a demo directory).",
+        epilog=_examples("wcl report runs/demo"),
+        formatter_class=_HelpFormatter,
     )
     rep.add_argument("run_dir", help="run or demo directory")
     rep.set_defaults(func=_report)
@@ -243,6 +275,8 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
         description="Decode every image of a folder data set and report broken files (with "
         "the reason), odd modes that will be converted, classes, sizes and duplicates. "
         "Exit status 1 if no image is usable (or, with --strict, if any file is broken).",
+        epilog=_examples("wcl check-data /data/imagenet/train --json imagenet-train.json"),
+        formatter_class=_HelpFormatter,
     )
     chk.add_argument("root", help="image folder (class sub-folders or flat)")
     chk.add_argument("--channels", type=int, choices=(1, 3), default=3)
@@ -269,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Writes config.yaml, metrics.jsonl and checkpoints (last.pt, epoch-NNNN.pt) "
             f"to train.out_dir. Presets: {_presets()}."
         ),
-        epilog="example: wcl pretrain --config fashion-mnist-demo --set train.epochs=5",
+        epilog=_examples(
+            "wcl pretrain --config fashion-mnist-demo --set train.epochs=5",
+            "wcl pretrain --config imagenet-r50-100ep --set data.root=/data/imagenet --resume auto",
+        ),
+        formatter_class=_HelpFormatter,
     )
     pre.add_argument("--config", required=True, help="YAML file or preset name")
     pre.add_argument(
@@ -306,7 +344,12 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
             "srun for several (linear.batch_size is global). "
             f"Presets: {_eval_presets('linear')}."
         ),
-        epilog="example: wcl linear-eval --config linear-small --checkpoint runs/x/last.pt --fast",
+        epilog=_examples(
+            "wcl linear-eval --config linear-small --checkpoint runs/x/last.pt --fast",
+            "wcl linear-eval --config linear-imagenet --checkpoint wcl-100.pt "
+            "--set data.root=/data/imagenet",
+        ),
+        formatter_class=_HelpFormatter,
     )
     _add_eval_args(lin, "linear", resumable=True)
     lin.add_argument(
@@ -327,7 +370,10 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
             "name>/knn-eval). Runs as one process, or under torchrun / SLURM srun for "
             f"several. Presets: {_eval_presets('knn')}."
         ),
-        epilog="example: wcl knn-eval --config knn-small --checkpoint runs/x/last.pt",
+        epilog=_examples(
+            "wcl knn-eval --config knn-small --checkpoint runs/x/last.pt --set knn.k=20"
+        ),
+        formatter_class=_HelpFormatter,
     )
     _add_eval_args(knn, "knn", resumable=False)
     knn.set_defaults(func=_knn_eval)
@@ -343,7 +389,11 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
             "one process, or under torchrun / SLURM srun for several (finetune.batch_size is "
             f"global, BatchNorm synchronised). Presets: {_eval_presets('finetune')}."
         ),
-        epilog="example: wcl finetune --config finetune-small --checkpoint runs/x/last.pt",
+        epilog=_examples(
+            "wcl finetune --config finetune-small --checkpoint runs/x/last.pt "
+            "--set finetune.fraction=0.05"
+        ),
+        formatter_class=_HelpFormatter,
     )
     _add_eval_args(fin, "finetune", resumable=True)
     fin.set_defaults(func=_finetune)
@@ -358,6 +408,8 @@ def _add_weight_commands(commands: argparse._SubParsersAction) -> None:
             "module.head2.* -> phi) safely (weights_only) and write a wcl checkpoint usable by "
             "every command. A file that needs pickled code is refused."
         ),
+        epilog=_examples("wcl convert wcl-100.pth wcl-100.pt"),
+        formatter_class=_HelpFormatter,
     )
     conv.add_argument("release", help="the release .pth file")
     conv.add_argument("out", help="the wcl checkpoint to write (.pt)")
@@ -371,6 +423,8 @@ def _add_weight_commands(commands: argparse._SubParsersAction) -> None:
             "backbone.safetensors, backbone.json (how to rebuild it, input size and "
             "normalisation) and, with --onnx, backbone.onnx (needs: pip install onnx onnxscript)."
         ),
+        epilog=_examples("wcl export runs/x/last.pt runs/x/export --onnx"),
+        formatter_class=_HelpFormatter,
     )
     exp.add_argument("checkpoint", help="any checkpoint wcl can read")
     exp.add_argument("out_dir", help="folder to write into (created if missing)")
@@ -386,6 +440,10 @@ def _add_weight_commands(commands: argparse._SubParsersAction) -> None:
             "pre-training size, backbone features (optionally L2-normalised). Writes FILE.npy "
             "(N x C float32) and FILE.txt (the N image paths, in row order)."
         ),
+        epilog=_examples(
+            "wcl embed --checkpoint runs/x/last.pt --images photos/ --out photos-emb --normalize"
+        ),
+        formatter_class=_HelpFormatter,
     )
     emb.add_argument("--checkpoint", required=True, help="any checkpoint wcl can read")
     emb.add_argument("--images", required=True, help="folder of images")
@@ -401,8 +459,18 @@ def _add_weight_commands(commands: argparse._SubParsersAction) -> None:
     emb.set_defaults(func=_embed)
 
 
+def _escape_undecodable_names() -> None:
+    """Print a file name that is not UTF-8 with its odd bytes escaped (Python holds byte
+    0xe9 as the surrogate \\udce9, printed so), instead of failing on it with
+    UnicodeEncodeError; the output stays valid UTF-8."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _escape_undecodable_names()
     # Errors that describe a fixable problem get one clear line, not a traceback.
     from wcl import dist
     from wcl.checkpoint import CheckpointError

@@ -9,6 +9,7 @@ booleans and exponents (see :class:`_YamlLoader`). The result is nested dicts, w
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -41,20 +42,39 @@ def preset_path(
 ) -> Path:
     """A YAML file path, or the name of a preset shipped in ``folder`` (default ``wcl/configs``).
 
-    When it is neither, the ``ConfigError`` names the value and the shipped presets (only the
-    ``kind-*`` ones, e.g. ``linear-*``, when ``kind`` is given).
+    When it is neither, the ``ConfigError`` names the value, the closest preset names if
+    any are close (a misspelt preset) and the shipped presets (only the ``kind-*`` ones,
+    e.g. ``linear-*``, when ``kind`` is given).
     """
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = folder / f"{path.stem}.yaml"
-    if shipped.is_file():
-        return shipped
+    names = preset_names(folder, kind)
     shipped_kind = f"{kind} presets" if kind else "presets"
+    # Only a bare name is a preset: a missing "my/dir/knn-small.yaml" is not knn-small.
+    shipped = folder / f"{path.stem}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        if kind and path.stem not in names:
+            raise ConfigError(f"{path.stem!r} is not one of the {shipped_kind}: {names}")
+        return shipped
     raise ConfigError(
-        f"config file {str(name_or_path)!r} not found; "
-        f"shipped {shipped_kind}: {preset_names(folder, kind)}"
+        f"config file {str(name_or_path)!r} not found{_did_you_mean(path.stem, names)}; "
+        f"shipped {shipped_kind}: {names}"
     )
+
+
+def _did_you_mean(word: str, names: list[str]) -> str:
+    """`` (did you mean 'a'?)`` for the preset name closest to a misspelt ``word`` (as
+    :func:`difflib.get_close_matches` scores them), or '' when none is close."""
+    scores = {name: difflib.SequenceMatcher(None, name, word).ratio() for name in names}
+    close = sorted((name for name in names if scores[name] >= 0.6), key=lambda n: -scores[n])
+    if not close:
+        return ""
+    # Every name as close as the best one: a bare "imagenet" is equally far from each
+    # imagenet-r50-*ep preset, and naming one of them would be a guess.
+    tied = [f"'{name}'" for name in close if scores[name] == scores[close[0]]]
+    listed = tied[0] if len(tied) == 1 else f"{', '.join(tied[:-1])} or {tied[-1]}"
+    return f" (did you mean {listed}?)"
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +121,25 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), raw)
+    return _merge(_read_yaml(_base_path(path, base), (*seen, path.resolve())), raw)
+
+
+def _base_path(path: Path, base: Any) -> Path:
+    """The file a config's ``base:`` names: a YAML file beside it, or a shipped preset (a
+    user's own file may start from one: ``base: fashion-mnist-demo.yaml``)."""
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {str(path)!r}: 'base' must name a YAML file, got {base!r}")
+    beside = path.parent / Path(base).expanduser()
+    if beside.is_file():
+        return beside
+    if Path(base).parent == Path("."):
+        for folder in (PRESET_DIR, PRESET_DIR / "eval"):
+            if (folder / f"{Path(base).stem}.yaml").is_file():
+                return folder / f"{Path(base).stem}.yaml"
+    raise ConfigError(
+        f"config file {str(path)!r}: 'base' {base!r} is neither a file beside it nor a "
+        "shipped preset"
+    )
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -3,13 +3,15 @@
 Works on a single pre-training run (``metrics.jsonl``) and on a demo directory holding
 ``wcl/`` and ``simclr/`` runs plus ``results.json``, ``embeddings.npz`` and the
 ``late_batch.pt`` that the trainer saves at its last step. Everything is redrawn from
-those files, so ``wcl report RUN_DIR`` can be run at any time.
+those files, so ``wcl report RUN_DIR`` can be run at any time. A single run's report
+also gets a table of numbers (:mod:`wcl.report_summary`).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -18,19 +20,52 @@ matplotlib.use("Agg")  # files only; no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["read_metrics", "write_report", "RUN_NAMES"]
+from wcl.report_summary import summary_lines  # noqa: E402
+
+__all__ = ["MetricsError", "read_metrics", "write_report", "knn_figure", "RUN_NAMES"]
 
 RUN_NAMES = {"wcl": "WCL", "simclr": "SimCLR (graph loss off)"}
 COLOURS = {"wcl": "tab:blue", "simclr": "tab:orange"}
 
 
+class MetricsError(ValueError, OSError):
+    """A line of metrics.jsonl that is not JSON; the message names the file and line.
+
+    Also an OSError, so that the command line prints it as one line (as for any file it
+    cannot read) instead of a traceback.
+    """
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``metrics.jsonl`` (training steps and evaluation lines)."""
+    """The records of ``metrics.jsonl`` (training steps and evaluation lines).
+
+    A last line that is not JSON is skipped with a warning: a run killed while writing it
+    leaves it cut short. Anywhere else such a line is a :class:`MetricsError`.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a wcl run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    numbered = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1)
+                if line.strip()]  # fmt: skip
+    records = []
+    for i, (number, line) in enumerate(numbered):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i < len(numbered) - 1:
+                raise MetricsError(
+                    f"{path}, line {number}: not a JSON record ({err.msg}): {line[:60]!r}"
+                ) from None
+            warnings.warn(
+                f"{path}: skipped its last line ({number}), which is cut short: the run was "
+                "probably stopped while writing it",
+                stacklevel=2,
+            )
+    return records
 
 
 def _runs(root: Path) -> dict[str, list[dict]]:
@@ -42,6 +77,18 @@ def _runs(root: Path) -> dict[str, list[dict]]:
 def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     rows = [r for r in records if key in r and r[key] is not None and "step" in r]
     return np.array([r["step"] for r in rows]), np.array([r[key] for r in rows], dtype=float)
+
+
+def _integer_x(ax: Axes) -> None:
+    """Ticks only at whole numbers on the x axis (steps, epochs): never "epoch 1.5"."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _label(name: str) -> str:
@@ -64,16 +111,14 @@ def plot_training(runs: dict[str, list[dict]], path: Path) -> Path:
                                 "learning rate"), strict=True):  # fmt: skip
         ax.set_title(title)
         ax.set_xlabel("step")
+        _integer_x(ax)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def plot_knn(runs: dict[str, list[dict]], results: dict, path: Path) -> Path:
-    """Online kNN top-1 over epochs, with the final baselines as horizontal lines."""
+def knn_figure(runs: dict[str, list[dict]], results: dict) -> Figure:
+    """Online kNN top-1 (%) over epochs, with the final baselines as horizontal lines."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, records in runs.items():
         rows = [r for r in records if "knn_top1" in r]
@@ -85,14 +130,17 @@ def plot_knn(runs: dict[str, list[dict]], results: dict, path: Path) -> Path:
             value = results["methods"][key]["knn_top1"]
             ax.axhline(value, linestyle=style, color="grey", label=f"{key.replace('_', ' ')}")
     ax.set_xlabel("epoch")
+    _integer_x(ax)  # the checks run after whole epochs
     ax.set_ylabel("kNN top-1 (%)")
     ax.set_title("kNN accuracy on the held-out split")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_knn(runs: dict[str, list[dict]], results: dict, path: Path) -> Path:
+    """:func:`knn_figure`, saved to ``path``."""
+    return _save(knn_figure(runs, results), path)
 
 
 def plot_weak_labels(runs: dict[str, list[dict]], path: Path) -> Path:
@@ -109,11 +157,9 @@ def plot_weak_labels(runs: dict[str, list[dict]], path: Path) -> Path:
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
+        _integer_x(ax)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_embedding_map(embeddings: Path, path: Path, max_points: int = 2000) -> Path:
@@ -225,6 +271,8 @@ def write_report(run_dir: str | Path) -> Path:
         drawn.append(("Weak-label components", plot_components(late, figures / "components.png")))
 
     lines = [f"# WCL report: {root.name}", ""]
+    if "run" in runs:  # a single pre-training run, not a demo directory
+        lines += summary_lines(root, runs["run"])
     if results.get("summary"):
         lines += [results["summary"], ""]
     table = _results_table(results)

@@ -130,9 +130,10 @@ def _knn_monitor(cfg: Config, amp: torch.dtype | None):
         return None
     from wcl.eval import knn_monitor
 
-    bank = build_dataset(d.dataset, d.root, train=True, download=d.download, channels=d.channels)
-    queries = build_dataset(
-        d.dataset, d.root, train=False, download=d.download, channels=d.channels
+    # An accuracy counts no substitute: broken files are left out (see gathered_features).
+    bank, queries = (
+        build_dataset(d.dataset, d.root, split, d.download, d.channels, substitute=False)
+        for split in (True, False)
     )
     if cfg.train.knn_bank:
         bank = Subset(bank, range(min(cfg.train.knn_bank, len(bank))))

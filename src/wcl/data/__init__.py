@@ -37,9 +37,12 @@ from wcl.data.decode import (
     read_image,
 )
 from wcl.data.folder import (
+    BROKEN,
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
     NoReadableImageError,
+    collate_marking_broken,
+    collate_readable,
     first_readable,
     read_skip_log,
     unwrap_image_folder,
@@ -47,6 +50,7 @@ from wcl.data.folder import (
 from wcl.data.seeds import sample_seed, two_view_seeds, view_seeds
 
 __all__ = [
+    "BROKEN",
     "WithIndex",
     "BROKEN_REASONS",
     "DATASET_NAMES",
@@ -72,6 +76,8 @@ __all__ = [
     "blur_kernel_size",
     "build_dataset",
     "check_data",
+    "collate_marking_broken",
+    "collate_readable",
     "dataset_stats",
     "decode_image",
     "eval_pipeline",

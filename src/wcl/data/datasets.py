@@ -270,6 +270,8 @@ _BUILDERS: dict[str, Callable[[str | None, bool, bool, int], Dataset]] = {
         split_dir(Path(_need_root("folder", root)), train), channels
     ),
 }
+# No other dataset can hold a broken file.
+_SUBSTITUTING = {"folder"}
 
 DATASET_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -280,8 +282,13 @@ def build_dataset(
     train: bool = True,
     download: bool = False,
     channels: int = 3,
+    substitute: bool = True,
 ) -> Dataset:
     """Build a dataset by name: fashion_mnist, cifar10, cifar100, stl10 or folder.
+
+    ``substitute`` False (evaluation, embeddings): a folder's broken files are served as
+    ``(None, target)`` instead of being replaced by the next readable image (see
+    :class:`~wcl.data.folder.ImageFolderDataset`).
 
     ``root=None`` is only valid for fashion_mnist (Debian's install directory).
     ``channels`` applies to ``folder`` only; the built-in datasets keep their native channel
@@ -293,7 +300,10 @@ def build_dataset(
     builder = _BUILDERS.get(name)
     if builder is None:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    return builder(root, train, download, channels)
+    dataset = builder(root, train, download, channels)
+    if name in _SUBSTITUTING:
+        dataset.substitute = substitute
+    return dataset
 
 
 def dataset_stats(name: str, channels: int | None = None) -> Stats:

@@ -16,14 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from wcl.data.decode import BrokenImageError, BrokenImageWarning, decode_image
 
 __all__ = [
+    "BROKEN",
     "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
     "NoReadableImageError",
+    "collate_marking_broken",
+    "collate_readable",
     "first_readable",
     "is_image_file",
     "read_skip_log",
@@ -109,9 +112,12 @@ class ImageFolderDataset(Dataset):
     composited onto white; 16-bit, 32-bit int and float greyscale are rescaled to 0..255
     (see ``_high_depth_to_uint8``), never clipped.
 
-    Broken files (zero-byte, truncated, not an image, undecodable) do not stop training: sample
-    ``i`` is then served by the next readable sample ``i+1, i+2, ...`` (wrapping), image and
-    target together, so substitution is deterministic. Each broken path is recorded in
+    Broken files (zero-byte, truncated, not an image, undecodable) do not stop training: with
+    ``substitute`` (for pre-training) sample ``i`` is then served by the next readable sample
+    ``i+1, i+2, ...`` (wrapping), image and target together, so substitution is
+    deterministic. Without it (evaluation, embeddings: any output per image or accuracy)
+    a broken sample is served as ``(None, target)``, which :func:`collate_readable` and
+    :func:`collate_marking_broken` leave out of the batch. Each broken path is recorded in
     ``skipped`` (``{path: reason}``, this process only) and, when ``skip_log`` is set, appended
     as a JSON line to that file, which DataLoader workers share (read it with
     ``read_skip_log``). ``skip_count`` counts samples served by substitution in this process.
@@ -124,6 +130,7 @@ class ImageFolderDataset(Dataset):
         root: str | os.PathLike[str],
         channels: int = 3,
         skip_log: str | os.PathLike[str] | None = None,
+        substitute: bool = True,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -151,6 +158,7 @@ class ImageFolderDataset(Dataset):
         ]
         self.targets = torch.tensor(targets, dtype=torch.int64)
         self.skip_log: str | os.PathLike[str] | None = skip_log
+        self.substitute = substitute
         self.skipped: dict[str, str] = {}
         self.skip_count = 0
         self._warned = False
@@ -159,11 +167,13 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
         n = len(self.samples)
         index = operator.index(index)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
+        if not self.substitute:
+            return self.try_decode(index), self.samples[index][1]
         for step in range(n):
             k = (index + step) % n
             image = self.try_decode(k)
@@ -205,7 +215,7 @@ class ImageFolderDataset(Dataset):
                         BrokenImageWarning,
                         stacklevel=3,
                     )
-        if not self._warned:
+        if not self._warned and self.substitute:
             self._warned = True
             where = f" and appended to {self.skip_log}" if self.skip_log is not None else ""
             warnings.warn(
@@ -216,6 +226,34 @@ class ImageFolderDataset(Dataset):
                 BrokenImageWarning,
                 stacklevel=3,
             )
+
+
+# The target that collate_marking_broken gives a broken image's row.
+BROKEN = -2
+
+
+def collate_readable(batch: list[tuple[torch.Tensor | None, int]]) -> list[torch.Tensor]:
+    """``default_collate`` of the samples whose image decoded (a broken one is
+    ``(None, target)``, see ``ImageFolderDataset(substitute=False)``): (images, targets)
+    of the readable ones only. Raises NoReadableImageError if none is."""
+    kept = [sample for sample in batch if sample[0] is not None]
+    if not kept:
+        raise NoReadableImageError(
+            f"none of the {len(batch)} images of a batch could be decoded; run "
+            "`wcl check-data` on the folder for a report of every file"
+        )
+    return default_collate(kept)
+
+
+def collate_marking_broken(
+    batch: list[tuple[torch.Tensor | None, int]],
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(images of the readable samples, or None if there is none; targets (B,) int64 of
+    every sample, ``BROKEN`` where the image did not decode): for callers that must know
+    which rows of a batch are missing (one output row per image)."""
+    images = [image for image, _ in batch if image is not None]
+    targets = torch.tensor([BROKEN if image is None else int(t) for image, t in batch])
+    return (default_collate(images) if images else None), targets
 
 
 def _reason_counts(skipped: dict[str, str]) -> str:

@@ -19,18 +19,28 @@ from torch.utils.data import Dataset
 from wcl import dist
 from wcl.checkpoint import load_checkpoint
 from wcl.config import ConfigError, config_changes
+from wcl.data import read_skip_log, unwrap_image_folder
 from wcl.eval.config import EvalRun
 from wcl.eval.data import Splits, eval_transform
-from wcl.eval.features import extract_features, file_identity, load_cached_features, save_features
+from wcl.eval.features import (
+    extract_features,
+    file_identity,
+    load_cached_features,
+    readable_rows,
+    save_features,
+)
 from wcl.eval.shards import gather_shards, shard
 from wcl.run import amp_dtype
 from wcl.weights import LoadedBackbone, load_backbone, write_json
 
 __all__ = [
+    "SKIP_LOG",
     "Setup",
     "open_run",
     "resolve_device",
     "gathered_features",
+    "log_broken_files",
+    "skipped_images",
     "sharded_features",
     "split_features",
     "start_run",
@@ -174,7 +184,8 @@ def gathered_features(
     desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`wcl.eval.features.extract_features` split over processes: (N, C) float32
-    features and (N,) int64 targets of all of ``dataset``, on the CPU, on every process.
+    features and (N,) int64 targets of every readable image of ``dataset`` (broken files
+    have no row), on the CPU, on every process.
 
     Each process extracts its share (samples r, r + W, ...) and the shares are gathered, so
     every process ends with all N rows in dataset order; every process must call this.
@@ -184,9 +195,10 @@ def gathered_features(
         raise ConfigError(f"{desc}: {n} images cannot be shared by {world} processes")
     feats, targets = extract_features(
         backbone, shard(dataset), transform, batch_size, device, workers, progress,
-        amp=amp, channels_last=channels_last, desc=desc,
+        amp=amp, channels_last=channels_last, desc=desc, keep_broken_rows=True,
     )  # fmt: skip
-    return gather_shards(feats, n, device), gather_shards(targets, n, device)
+    # Broken files keep their rows until the shares are interleaved back into order.
+    return readable_rows(gather_shards(feats, n, device), gather_shards(targets, n, device))
 
 
 def sharded_features(
@@ -233,3 +245,48 @@ def split_features(
                 save_features(path, key, *found)
         out.append(found)
     return out
+
+
+SKIP_LOG = "skipped.jsonl"  # in the run directory: one JSON line per broken file
+
+
+def log_broken_files(setup: Setup, splits: Splits) -> None:
+    """Have both splits' image folders list every file that fails to decode (path, reason)
+    in ``run_dir/skipped.jsonl``; rank 0's, which writes the run directory."""
+    if not dist.is_main():
+        return
+    for data in (splits.train, splits.test):
+        folder = unwrap_image_folder(data)
+        if folder is not None:
+            folder.skip_log = setup.run_dir / SKIP_LOG
+
+
+def skipped_images(
+    setup: Setup,
+    splits: Splits,
+    history: list[dict[str, Any]] | None = None,
+    train_rows: int | None = None,
+    test_rows: int | None = None,
+) -> dict[str, Any]:
+    """How many images of each split were left out because they did not decode, and the
+    file that lists them: {"train": n, "test": m, "list": "skipped.jsonl"}.
+
+    Exact where the number used is known: ``*_rows`` (feature rows), or the last test pass
+    of ``history`` (its ``test_images``); otherwise (augmented training passes) the
+    files of the split that the skip log holds.
+    """
+    if history and history[-1].get("test_images") is not None and test_rows is None:
+        test_rows = history[-1]["test_images"]
+    logged = read_skip_log(setup.run_dir / SKIP_LOG)
+    counts: dict[str, Any] = {}
+    for name, data, used in (
+        ("train", splits.train, train_rows),
+        ("test", splits.test, test_rows),
+    ):
+        if used is not None:
+            counts[name] = len(data) - used  # type: ignore[arg-type]
+        else:
+            folder = unwrap_image_folder(data)
+            paths = {path for path, _ in folder.samples} if folder is not None else set()
+            counts[name] = len(paths & logged.keys())
+    return counts | {"list": SKIP_LOG}

@@ -96,8 +96,10 @@ class MapImages(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
         image, target = self.base[index]
+        if image is None:  # a broken file (ImageFolderDataset(substitute=False)) stays None
+            return image, target
         if self.seed is None:
             return self.transform(image), target
         with torch.random.fork_rng(devices=[]):
@@ -135,8 +137,11 @@ def load_splits(d: EvalData, channels: int) -> Splits:
     ``channels`` is what image folders are decoded to; built-in datasets keep their own
     (the pipelines convert with :class:`ToChannels`).
     """
-    train = build_dataset(d.dataset, d.root, train=True, download=d.download, channels=channels)
-    test = build_dataset(d.dataset, d.root, train=False, download=d.download, channels=channels)
+    # Broken files are left out of both splits (collate_readable), never replaced.
+    train, test = (
+        build_dataset(d.dataset, d.root, split, d.download, channels, substitute=False)
+        for split in (True, False)
+    )
     classes = list(getattr(train, "classes", []))
     if d.train_subset is not None:
         train = Subset(train, range(min(d.train_subset, len(train))))  # type: ignore[arg-type]

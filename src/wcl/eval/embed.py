@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wcl.data import ImageFolderDataset, dataset_stats
+from wcl.data import BROKEN, ImageFolderDataset, dataset_stats, read_skip_log
 from wcl.eval.common import resolve_device
 from wcl.eval.data import ToChannels
 from wcl.eval.features import extract_features
@@ -18,7 +18,7 @@ from wcl.export import input_size
 from wcl.run import amp_dtype
 from wcl.weights import atomic_write, load_backbone
 
-__all__ = ["EmbedResult", "embed_images", "embedding_paths"]
+__all__ = ["EmbedResult", "embed_images", "embedding_paths", "skipped_path"]
 
 
 @dataclass
@@ -27,6 +27,8 @@ class EmbedResult:
     paths: Path  # N lines, the image files in row order
     count: int
     dim: int
+    skipped: dict[str, str]  # {path: reason} of the files that did not decode (no row)
+    skipped_list: Path | None  # X.skipped.jsonl listing them, None when there are none
 
 
 def embedding_paths(out: str | os.PathLike) -> tuple[Path, Path]:
@@ -34,6 +36,13 @@ def embedding_paths(out: str | os.PathLike) -> tuple[Path, Path]:
     out = Path(out)
     stem = out.with_suffix("") if out.suffix == ".npy" else out
     return stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".txt")
+
+
+def skipped_path(out: str | os.PathLike) -> Path:
+    """``X.skipped.jsonl`` beside ``X.npy``: one JSON line {"path", "reason", "detail"} per
+    image file that did not decode and so has no row."""
+    array, _ = embedding_paths(out)
+    return array.with_name(array.stem + ".skipped.jsonl")
 
 
 def embed_images(
@@ -59,6 +68,11 @@ def embed_images(
     rows; ``amp`` "auto" runs the backbone in bfloat16 on a GPU (float16 on GPUs older than
     compute capability 8; "off": float32, see :func:`wcl.run.amp_dtype`). Writes ``out``
     (.npy, float32 (N, C)) and the image paths, one a line, beside it.
+
+    A file that does not decode gets no row (never another image's vector): it is listed
+    with its reason in ``X.skipped.jsonl`` (see :func:`skipped_path`; a list left by an
+    earlier run is removed). Path lines are the file names' bytes, so a name that is not
+    UTF-8 comes out as it is on disk.
     """
     loaded = load_backbone(checkpoint)
     spec = loaded.spec
@@ -79,10 +93,14 @@ def embed_images(
             v2.Normalize(list(mean), list(std)),
         ]
     )
-    dataset = ImageFolderDataset(images, channels=spec.in_channels)
+    array_path, list_path = embedding_paths(out)
+    array_path.parent.mkdir(parents=True, exist_ok=True)
+    log = skipped_path(out)
+    log.unlink(missing_ok=True)
+    dataset = ImageFolderDataset(images, channels=spec.in_channels, skip_log=log, substitute=False)
     dev = resolve_device(device)
     module = loaded.module.to(dev)
-    feats, _ = extract_features(
+    feats, targets = extract_features(
         module,
         dataset,
         transform,
@@ -92,12 +110,22 @@ def embed_images(
         progress,
         amp=amp_dtype(amp, dev),
         desc="embed",
+        keep_broken_rows=True,
     )
+    readable = (targets != BROKEN).tolist()
+    feats = feats[torch.tensor(readable)]
     if normalize:
         feats = F.normalize(feats, dim=1)
-    array_path, list_path = embedding_paths(out)
-    array_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(array_path, lambda f: np.save(f, feats.numpy()))
-    lines = "".join(f"{path}\n" for path, _ in dataset.samples)
-    atomic_write(list_path, lambda f: f.write(lines), mode="w")
-    return EmbedResult(array_path, list_path, feats.shape[0], feats.shape[1])
+    kept = [path for (path, _), ok in zip(dataset.samples, readable, strict=True) if ok]
+    lines = b"".join(os.fsencode(path) + b"\n" for path in kept)
+    atomic_write(list_path, lambda f: f.write(lines))
+    reasons = read_skip_log(log)
+    skipped = {
+        p: reasons.get(p, "broken")
+        for (p, _), ok in zip(dataset.samples, readable, strict=True)
+        if not ok
+    }
+    return EmbedResult(
+        array_path, list_path, feats.shape[0], feats.shape[1], skipped, log if skipped else None
+    )

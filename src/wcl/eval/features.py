@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from wcl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from wcl.data import BROKEN, collate_marking_broken
 from wcl.eval.data import MapImages
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "extract_features",
     "file_identity",
     "load_cached_features",
+    "readable_rows",
     "save_features",
 ]
 
@@ -56,8 +58,9 @@ def extract_features(
     amp: torch.dtype | None = None,
     channels_last: bool = False,
     desc: str = "features",
+    keep_broken_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every sample of ``dataset``, in dataset order.
+    """Features of every readable sample of ``dataset``, in dataset order.
 
     ``dataset`` yields ``(image, target)``; ``transform`` (e.g. a centre-crop pipeline from
     :func:`wcl.eval.data.eval_transform`) maps each image to the float tensor the backbone
@@ -68,6 +71,11 @@ def extract_features(
     Returns ``(features, targets)``: float32 (N, C) and int64 (N,), both on the CPU, with C
     the backbone's output width. The features are not normalised. The backbone runs in eval
     mode (BatchNorm uses its running statistics) and gets its previous mode back afterwards.
+
+    A sample whose image is None (a broken file of ``ImageFolderDataset(substitute=False)``)
+    has no row; with ``keep_broken_rows`` it keeps its row, filled with NaN, and the target
+    ``wcl.data.BROKEN`` (for callers that must know which rows are missing: drop them with
+    :func:`readable_rows`).
     """
     device = torch.device(device) if device is not None else _module_device(backbone)
     data = MapImages(dataset, transform) if transform is not None else dataset
@@ -78,6 +86,7 @@ def extract_features(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        collate_fn=collate_marking_broken,
     )
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     was_training = backbone.training
@@ -87,20 +96,29 @@ def extract_features(
     start = 0
     try:
         for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            rows = slice(start, start + len(labels))
+            targets[rows] = labels
+            start += len(labels)
+            if images is None:  # every image of the batch is broken
+                continue
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             with autocast(device, amp):
                 out = backbone(images)
             out = out.float().cpu()
             if feats is None:
-                feats = torch.empty(len(data), out.shape[1], dtype=torch.float32)  # type: ignore[arg-type]
-            feats[start : start + len(out)] = out
-            targets[start : start + len(out)] = torch.as_tensor(labels, dtype=torch.int64)
-            start += len(out)
+                feats = torch.full((len(data), out.shape[1]), float("nan"))  # type: ignore[arg-type]
+            feats[rows][labels != BROKEN] = out
     finally:
         backbone.train(was_training)
     if feats is None:
-        raise ValueError("cannot extract features of an empty dataset")
-    return feats, targets
+        raise ValueError(f"{desc}: no readable image in a data set of {len(data)}")  # type: ignore[arg-type]
+    return (feats, targets) if keep_broken_rows else readable_rows(feats, targets)
+
+
+def readable_rows(feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (features (N, C), targets (N,)) whose target is not ``wcl.data.BROKEN``."""
+    keep = targets != BROKEN
+    return (feats, targets) if bool(keep.all()) else (feats[keep], targets[keep])
 
 
 def file_identity(path: str | os.PathLike) -> dict[str, Any]:

@@ -23,17 +23,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from wcl import dist
 from wcl.config import ConfigError
 from wcl.data import ImageFolderDataset, sample_seed
-from wcl.eval.common import open_run, start_run, write_results
+from wcl.eval.common import log_broken_files, open_run, skipped_images, start_run, write_results
 from wcl.eval.config import FinetuneConfig
 from wcl.eval.data import MapImages, dataset_targets, eval_transform, load_splits, train_transform
 from wcl.eval.features import file_identity
 from wcl.eval.linear import linear_classifier
-from wcl.eval.loop import Recipe, epoch_loader, evaluate, fit, summarise
+from wcl.eval.loop import Recipe, epoch_loader, evaluate, evaluation_loader, fit, summarise
 from wcl.eval.shards import local_batch, shard, train_sampler, wrap_ddp
 from wcl.optim import param_groups
 
@@ -138,6 +138,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
     if len(indices) < world:
         raise ConfigError(f"{len(indices)} labelled images cannot be shared by {world} processes")
     start_run(setup, cfg)
+    log_broken_files(setup, splits)
     if dist.is_main():
         (setup.run_dir / "subset.txt").write_text("".join(f"{i}\n" for i in indices.tolist()))
     per_class = torch.bincount(dataset_targets(splits.train)[indices], minlength=splits.num_classes)
@@ -174,9 +175,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
     test_set = shard(MapImages(splits.test, eval_transform(cfg.data, setup.channels)))
 
     def test() -> dict[str, float]:
-        loader = DataLoader(
-            test_set, batch_size=run.eval_batch_size, num_workers=cfg.data.workers, pin_memory=pin
-        )
+        loader = evaluation_loader(test_set, run.eval_batch_size, cfg.data.workers, pin)
         return evaluate(model, loader, device, setup.amp, run.progress)
 
     info = {
@@ -190,6 +189,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
     }
 
     def report(history: list[dict[str, Any]], done: bool) -> None:
+        info["skipped_images"] = skipped_images(setup, splits, history)
         write_results(setup, cfg, "finetune", {**summarise(history), "complete": done, **info})
 
     history = fit(
@@ -217,6 +217,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
         progress=run.progress,
         desc="finetune",
     )
+    info["skipped_images"] = skipped_images(setup, splits, history)
     results = {**summarise(history), "complete": True, **info, "history": history}
     write_results(setup, cfg, "finetune", results)
     dist.barrier()  # nobody exits before rank 0 has written the results

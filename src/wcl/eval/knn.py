@@ -22,7 +22,9 @@ from wcl import dist
 from wcl.config import ConfigError
 from wcl.eval.common import (
     gathered_features,
+    log_broken_files,
     open_run,
+    skipped_images,
     split_features,
     start_run,
     write_results,
@@ -232,9 +234,12 @@ def knn_monitor(
         desc="knn test",
     )  # fmt: skip
     # The same class count on every process, whatever labels its share of queries holds.
-    num_classes = dist.max_over_processes(max(int(labels.max()), int(test_labels.max()))) + 1
+    top = max(int(labels.max()), int(test_labels.max()) if len(test_labels) else 0)
+    num_classes = dist.max_over_processes(top) + 1
     hits = knn_hits(feats.to(device), labels, test_feats, test_labels, [k], t, num_classes, chunk)
-    return _percent({k: sum_over_processes(hits[k].to(device)).long().cpu()}, n_queries)[k]
+    # Broken files have no row: the denominator is the queries scored, over all processes.
+    scored = int(sum_over_processes(torch.tensor(len(test_labels), device=device)))
+    return _percent({k: sum_over_processes(hits[k].to(device)).long().cpu()}, scored)[k]
 
 
 def knn_eval(cfg: KnnConfig) -> dict[str, Any]:
@@ -255,6 +260,7 @@ def knn_eval(cfg: KnnConfig) -> dict[str, Any]:
             "training images"
         )
     start_run(setup, cfg)
+    log_broken_files(setup, splits)
     (train_x, train_y), (test_x, test_y) = split_features(
         cfg, setup, splits, cfg.knn.cache_features
     )
@@ -280,6 +286,9 @@ def knn_eval(cfg: KnnConfig) -> dict[str, Any]:
         "num_classes": splits.num_classes,
         "train_images": len(train_y),
         "test_images": len(test_y),
+        "skipped_images": skipped_images(
+            setup, splits, train_rows=len(train_y), test_rows=len(test_y)
+        ),
     }
     write_results(setup, cfg, "knn-eval", results)
     dist.barrier()  # nobody exits before rank 0 has written the results

@@ -22,14 +22,28 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from wcl import dist
-from wcl.eval.common import open_run, split_features, start_run, write_results
+from wcl.eval.common import (
+    log_broken_files,
+    open_run,
+    skipped_images,
+    split_features,
+    start_run,
+    write_results,
+)
 from wcl.eval.config import LinearConfig
 from wcl.eval.data import MapImages, eval_transform, load_splits, train_transform
 from wcl.eval.features import file_identity
-from wcl.eval.loop import Recipe, epoch_loader, evaluate, fit, summarise, tensor_batches
+from wcl.eval.loop import (
+    Recipe,
+    epoch_loader,
+    evaluate,
+    evaluation_loader,
+    fit,
+    summarise,
+    tensor_batches,
+)
 from wcl.eval.shards import (
     local_batch,
     my_share,
@@ -143,6 +157,7 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
     per_process = local_batch(s.batch_size, "linear.batch_size")
     splits = load_splits(cfg.data, setup.channels)
     start_run(setup, cfg)
+    log_broken_files(setup, splits)
     batch = min(s.batch_size, len(splits.train))
     recipe = _recipe(s, batch)
     torch.manual_seed(run.seed)  # the same initial classifier on every process
@@ -159,6 +174,11 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
     if s.mode == "fast":
         feats = split_features(cfg, setup, splits, s.cache_features)
         (train_x, train_y), (test_x, test_y) = ((f.to(device), t.to(device)) for f, t in feats)
+        used = {"train_rows": len(train_y), "test_rows": len(test_y)}
+        # Broken files have no feature row: the sampler covers the readable ones.
+        sampler = train_sampler(range(len(train_y)), run.seed, drop_last=False)
+        per_process = min(per_process, len(sampler))
+        steps = math.ceil(len(sampler) / per_process)
         model: nn.Module = head
         amp = None
 
@@ -173,6 +193,7 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
             batches = zip(test_x.split(size), test_y.split(size), strict=True)
             return evaluate(fc, batches, device)
     else:
+        used = {}
         # channels_last: the faster convolution layout on GPUs and, with oneDNN, on CPUs.
         layout = torch.channels_last
         backbone = setup.backbone.module.to(device, memory_format=layout)
@@ -188,12 +209,7 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
             )
 
         def test() -> dict[str, float]:
-            loader = DataLoader(
-                test_set,
-                batch_size=run.eval_batch_size,
-                num_workers=cfg.data.workers,
-                pin_memory=pin,
-            )
+            loader = evaluation_loader(test_set, run.eval_batch_size, cfg.data.workers, pin)
             return evaluate(probe, loader, device, amp, run.progress)
 
     extra = {
@@ -215,6 +231,7 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
     }
 
     def report(history: list[dict[str, Any]], done: bool) -> None:
+        info["skipped_images"] = skipped_images(setup, splits, history, **used)
         write_results(setup, cfg, command, {**summarise(history), "complete": done, **info})
 
     history = fit(
@@ -234,6 +251,7 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
         progress=run.progress,
         desc="linear",
     )
+    info["skipped_images"] = skipped_images(setup, splits, history, **used)
     results = {**summarise(history), "complete": True, **info, "history": history}
     write_results(setup, cfg, command, results)
     dist.barrier()  # nobody exits before rank 0 has written the results

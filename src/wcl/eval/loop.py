@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from wcl import dist
 from wcl.checkpoint import save_checkpoint
-from wcl.data import sample_seed
+from wcl.data import collate_readable, sample_seed
 from wcl.eval.features import autocast
 from wcl.eval.shards import sum_over_processes
 from wcl.optim import lr_at
@@ -41,6 +41,7 @@ __all__ = [
     "epoch_generator",
     "epoch_loader",
     "evaluate",
+    "evaluation_loader",
     "fit",
     "summarise",
     "tensor_batches",
@@ -114,6 +115,21 @@ def epoch_loader(
         num_workers=workers,
         drop_last=drop_last,
         pin_memory=pin_memory,
+        collate_fn=collate_readable,  # a broken file is left out of its batch
+    )
+
+
+def evaluation_loader(
+    dataset: Dataset, batch_size: int, workers: int, pin_memory: bool
+) -> DataLoader:
+    """The test pass's loader, in dataset order; a broken file is left out of its batch
+    (and so out of the accuracy's denominator: :func:`evaluate` counts what it sees)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        collate_fn=collate_readable,
     )
 
 
@@ -133,7 +149,8 @@ def evaluate(
     amp: torch.dtype | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """{"top1": %, "top5": %, "loss": mean cross-entropy} of ``model`` (eval mode) on ``batches``.
+    """{"top1": %, "top5": %, "loss": mean cross-entropy, "images": how many were scored}
+    of ``model`` (eval mode) on ``batches``.
 
     With several processes ``batches`` is this process's share of the test set (each
     sample in exactly one share) and every process must call this: hits, losses and counts
@@ -160,11 +177,13 @@ def evaluate(
     local = torch.cat([hits.double(), loss.double().view(1), hits.new_tensor([count]).double()])
     top1_hits, top5_hits, loss_sum, total = sum_over_processes(local).tolist()
     # Counts are whole numbers; the mean-times-W round trip may leave 1e-13 of dust.
-    top1_hits, top5_hits, total = round(top1_hits), round(top5_hits), max(round(total), 1)
+    top1_hits, top5_hits, images = round(top1_hits), round(top5_hits), round(total)
+    total = max(images, 1)
     return {
         "top1": 100.0 * top1_hits / total,
         "top5": 100.0 * top5_hits / total,
         "loss": loss_sum / total,
+        "images": images,
     }
 
 
@@ -266,7 +285,9 @@ def fit(
             raise FloatingPointError(f"non-finite training loss in epoch {epoch}: {row}")
         evaluated = epoch % recipe.eval_every == 0 or epoch == recipe.epochs
         if evaluated:
-            row.update({f"test_{k}" if k == "loss" else k: v for k, v in test().items()})
+            row.update(
+                {f"test_{k}" if k in ("loss", "images") else k: v for k, v in test().items()}
+            )
         history.append(row)
         if progress:
             shown = f" top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if evaluated else ""
