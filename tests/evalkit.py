@@ -59,7 +59,7 @@ def _tiny_state(seed: int, in_channels: int) -> tuple[dict, dict]:
     backbone = build_backbone("resnet10", "small", in_channels, 8)
     if in_channels == 1:
         data = load_fashion_mnist(FASHION_IDX, train=True)
-        transform = eval_transform(EvalData(image_size=28), 1)
+        transform = eval_transform(EvalData(dataset="fashion_mnist", image_size=28), 1)
         images = torch.stack([transform(data[i][0]) for i in range(len(data))])
     else:
         images = torch.randn(64, 3, 32, 32)

@@ -200,7 +200,7 @@ def test_a_name_close_to_several_presets_names_them_all():
         (["pretrain", "--config", "no-such-thing"], "shipped presets: ['cifar10-r18', "),
         (
             ["knn-eval", "--config", "zzz.yaml", "--checkpoint", "x.pt"],
-            "shipped knn presets: ['knn-cifar10', 'knn-imagenet', 'knn-small']",
+            "shipped knn presets: ['knn-imagenet', 'knn-small']",
         ),
     ],
 )

@@ -115,3 +115,17 @@ def test_cli_report_and_check_data(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "broken.jpg" in out and "zero-byte" in out
     assert json.loads((tmp_path / "r.json").read_text())["readable"] == 6
+
+
+def test_the_headline_says_indistinguishable_inside_the_repeat_spread():
+    """WCL minus SimCLR is read against twice the standard deviation of repeat runs of
+    the demo that differ only in rounding (k=200: 0.34 sd, so a band of ±0.68)."""
+    import statistics
+
+    from wcl.demo import REPEAT_DIFFERENCES, compare_to_spread
+
+    band = 2 * statistics.stdev(REPEAT_DIFFERENCES["knn_top1"])
+    assert 0.6 < band < 0.75
+    assert "indistinguishable" in compare_to_spread(0.62, REPEAT_DIFFERENCES["knn_top1"])
+    assert "WCL ahead beyond" in compare_to_spread(band + 0.01, REPEAT_DIFFERENCES["knn_top1"])
+    assert "WCL behind beyond" in compare_to_spread(-1.5, REPEAT_DIFFERENCES["knn_top1"])

@@ -94,7 +94,7 @@ def test_extract_features_keeps_order_and_mode(tmp_path):
     backbone = load_backbone(tiny_checkpoint(tmp_path / "pre.pt")).module
     backbone.train()
     data = load_fashion_mnist(FASHION_IDX, train=True)
-    transform = eval_transform(EvalData(image_size=28), 1)
+    transform = eval_transform(EvalData(dataset="fashion_mnist", image_size=28), 1)
     feats, targets = extract_features(backbone, data, transform, batch_size=64)
     assert backbone.training  # the mode it had is back
     assert feats.shape == (300, 64) and feats.dtype == torch.float32

@@ -17,9 +17,10 @@ import wcl.eval.loop
 from wcl.checkpoint import load_checkpoint, save_checkpoint
 from wcl.cli import main
 from wcl.config import ConfigError
+from wcl.eval.common import resolve_data
 from wcl.eval.config import load_eval_config
 from wcl.eval.linear import LinearProbe, linear_classifier, linear_eval
-from wcl.weights import load_backbone
+from wcl.weights import BackboneSpec, LoadedBackbone, load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,20 @@ def test_imagenet_preset_is_the_release_protocol(checkpoint, tmp_path):
         [f"run.checkpoint={checkpoint}", f"data.root={tmp_path}"],
     )
     d, s = cfg.data, cfg.linear
-    assert (d.image_size, d.resize, d.min_scale, d.flip) == (224, 256, 0.08, True)
+    assert (d.image_size, d.resize, d.min_scale, d.flip) == (None, None, 0.08, True)
+    # The data comes from the checkpoint: a 224 px ResNet-50 (the release's) is tested on
+    # Resize(256) + CenterCrop(224) of its pre-training folder, normalised as pre-trained.
+    spec = BackboneSpec("resnet50", "imagenet", 3, 64)
+    release = LoadedBackbone(None, spec, "release", {"data": {"dataset": "folder",
+                             "root": "/nowhere", "image_size": 224}})  # fmt: skip
+    d = resolve_data(d, release, checkpoint)
+    assert (d.dataset, d.root, d.image_size, d.resize, d.stats) == (
+        "folder",
+        str(tmp_path),
+        224,
+        256,
+        "imagenet",
+    )
     assert (s.epochs, s.batch_size, s.lr, s.lr_scaling) == (80, 4096, 0.2, "linear")
     assert (s.momentum, s.nesterov, s.weight_decay, s.init_std) == (0.9, True, 0.0, 0.01)
 

@@ -132,3 +132,106 @@ def test_check_data_and_pretraining_take_a_name_that_is_not_utf8(tmp_path, folde
         argv += ["--set", key]
     assert main(argv) == 0
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def _folder_checkpoint(path: Path, root: Path, size: int, stem: str) -> Path:
+    """A pre-training checkpoint of an RGB ResNet-10 (width 8) pre-trained, as its config
+    says, on the image folder ``root`` at ``size`` px."""
+    import torch
+
+    from wcl.backbones import build_backbone
+    from wcl.checkpoint import save_checkpoint
+    from wcl.config import load_config
+    from wcl.model import WCL
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet10", stem, 3, 8)
+    model = WCL(backbone, backbone.feature_dim, hidden_dim=32, out_dim=16)
+    cfg = load_config("fashion-mnist-demo", [
+        "data.dataset=folder", f"data.root={root}", "data.channels=3", f"data.image_size={size}",
+        f"model.stem={stem}", "model.width=8", "model.hidden_dim=32", "model.out_dim=16",
+        "data.augment=loader",
+    ])  # fmt: skip
+    save_checkpoint({"kind": "pretrain", "model": model.state_dict(), "config": cfg.to_dict(),
+                     "epoch": 1}, path)  # fmt: skip
+    return path
+
+
+def test_evaluation_takes_its_data_from_the_checkpoint(tmp_path, folders, capsys):
+    """A backbone pre-trained on a folder at 32 px RGB is evaluated on that folder at 32 px
+    with the folder's (ImageNet) statistics, with no data key given; it says so."""
+    clean, _ = folders
+    ckpt = _folder_checkpoint(tmp_path / "pre.pt", clean, 32, "small")
+    out = tmp_path / "knn"
+    argv = ["knn-eval", "--config", "knn-small", "--checkpoint", str(ckpt), "--set",
+            f"run.out_dir={out}", "--set", "data.workers=0", "--set", "run.progress=false",
+            "--set", "knn.k=[20, 5]"]  # fmt: skip
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert f"knn-eval: evaluating on folder ({clean}), 3 channel(s), resize 32 + centre " in said
+    assert "(as pre-trained)" in said
+    data = json.loads((out / "results.json").read_text())["config"]["data"]
+    assert (data["dataset"], data["root"], data["image_size"], data["resize"], data["stats"]) == (
+        "folder",
+        str(clean),
+        32,
+        32,
+        "imagenet",
+    )
+    # An override that contradicts the checkpoint: a warning (size) or an error (channels).
+    assert main([*argv, "--set", "data.image_size=28"]) == 0
+    assert "differs from the 32 px the backbone" in capsys.readouterr().err
+    assert main([*argv, "--set", "data.channels=1"]) == 2
+    assert "'data.channels' is 1 but the backbone" in capsys.readouterr().err
+    # A checkpoint that cannot say (an exported state dict without its JSON): name the key.
+    assert main(["export", str(ckpt), str(tmp_path / "exp")]) == 0
+    (tmp_path / "exp" / "backbone.json").unlink()
+    argv[4] = str(tmp_path / "exp" / "backbone.pt")
+    assert main(argv) == 2
+    assert "'data.dataset' is not set" in capsys.readouterr().err
+
+
+def test_backbone_json_alone_reproduces_embed(tmp_path, capsys):
+    """torchvision ops chosen from backbone.json's preprocessing, and the backbone rebuilt
+    as the JSON says from the safetensors file, give wcl embed's rows (ImageNet stem at
+    64 px: Resize(73) + CenterCrop(64), the photos' sizes all differ)."""
+    import torch
+    from safetensors.torch import load_file
+    from torchvision.transforms.v2 import functional as TF
+
+    from wcl.backbones import build_backbone
+    from wcl.data import ImageFolderDataset
+
+    photos = Path(__file__).parent / "fixtures" / "photos"
+    ckpt = _folder_checkpoint(tmp_path / "pre.pt", photos, 64, "imagenet")
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "backbone.onnx").write_bytes(b"an earlier export's file")
+    assert main(["export", str(ckpt), str(tmp_path / "exp")]) == 0
+    assert not (tmp_path / "exp" / "backbone.onnx").exists()  # not written this time
+    argv = ["embed", "--checkpoint", str(ckpt), "--images", str(photos)]
+    assert main([*argv, "--out", str(tmp_path / "emb"), "--no-progress"]) == 0
+    want = np.load(tmp_path / "emb.npy")
+
+    info = json.loads((tmp_path / "exp" / "backbone.json").read_text())
+    prep = info["input"]["preprocessing"]
+    assert prep["steps"] == ["channels", "resize", "center_crop", "scale", "normalize"]
+    assert (prep["resize"]["short_side"], prep["center_crop"]) == (73, 64)
+    b = info["backbone"]
+    net = build_backbone(b["name"], b["stem"], b["in_channels"], b["width"]).eval()
+    net.load_state_dict(load_file(tmp_path / "exp" / "backbone.safetensors"))
+    rows = []
+    for path in sorted(p for p in photos.iterdir()):
+        image = ImageFolderDataset(photos, channels=3).samples  # the decoder embed uses
+        image = next(ImageFolderDataset(photos, channels=3)[i][0] for i, (p, _) in
+                     enumerate(image) if p == str(path))  # fmt: skip
+        if prep["channels"]["count"] == 1:
+            image = TF.rgb_to_grayscale(image)
+        image = TF.resize(
+            image, prep["resize"]["short_side"], antialias=prep["resize"]["antialias"]
+        )
+        image = TF.center_crop(image, prep["center_crop"]).float() / 255
+        norm = prep["normalize"]
+        image = TF.normalize(image, norm["mean"], norm["std"])
+        with torch.no_grad():
+            rows.append(net(image[None])[0].numpy())
+    np.testing.assert_allclose(np.stack(rows), want, atol=1e-5, rtol=1e-5)

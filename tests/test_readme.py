@@ -1,7 +1,10 @@
-"""The README's examples run as written: its 2-epoch pre-training command, then each of
-its Python blocks, in a fresh interpreter in the folder that command wrote ``runs/try`` to."""
+"""The README's examples run as written, from a folder outside the repository: its 2-epoch
+pre-training command, then each of its Python blocks, in a fresh interpreter in the folder
+that command wrote ``runs/try`` to; and the "own images" commands on a folder of PNGs."""
 
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import fields
@@ -25,11 +28,8 @@ def run(argv: list[str], cwd: Path) -> str:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A folder like the repository root (the fixtures the example names), after the
-    README's pre-training example has run there."""
-    folder = tmp_path_factory.mktemp("readme")
-    (folder / "tests").mkdir()
-    (folder / "tests" / "fixtures").symlink_to(ROOT / "tests" / "fixtures")
+    """An empty folder, after the README's pre-training example has run there."""
+    folder = tmp_path_factory.mktemp("readme")  # nothing of the repository in it
     wcl = Path(sys.executable).parent / "wcl"
     argv = [str(wcl) if word == "wcl" else word for word in PRETRAIN_EXAMPLE.split()
             if word != "\\"]  # fmt: skip
@@ -38,17 +38,17 @@ def workdir(tmp_path_factory) -> Path:
     return folder
 
 
-def test_the_readme_has_two_python_blocks():
-    assert len(PYTHON_BLOCKS) == 2
+def test_the_readme_has_three_python_blocks():
+    assert len(PYTHON_BLOCKS) == 3
 
 
 def test_loading_a_trained_backbone(workdir):
-    out = run([sys.executable, "-c", PYTHON_BLOCKS[0]], workdir)
+    out = run([sys.executable, "-c", PYTHON_BLOCKS[1]], workdir)
     assert "BackboneSpec(name='resnet10', stem='small-s2', in_channels=1, width=32)" in out
 
 
 def test_wcl_steps_in_your_own_loop(workdir):
-    out = run([sys.executable, "-c", PYTHON_BLOCKS[1]], workdir)
+    out = run([sys.executable, "-c", PYTHON_BLOCKS[2]], workdir)
     assert re.fullmatch(r"loss \d+\.\d{3}, \d+ weak classes in the batch\n", out)
 
 
@@ -74,3 +74,42 @@ def test_every_eval_key_is_named_in_the_evaluation_section():
     for cls in (LinearConfig, KnnConfig, FinetuneConfig):
         for section, keys in config_keys(cls).items():
             assert not keys - named, (cls.__name__, section, keys - named)
+
+
+OWN_IMAGES = README[README.index("## Pre-train on your own images") : README.index("## Several")]
+# What the 240-image folder below needs on top of the commands as written: a batch and
+# neighbour counts that fit it, and a minute of training instead of hours.
+TINY = {
+    "pretrain": [
+        "train.batch_size=64",
+        "train.epochs=2",
+        "optim.warmup_epochs=1",
+        "data.workers=0",
+        "model.width=8",
+    ],
+    "knn-eval": ["knn.k=[10]", "data.workers=0"],
+    "linear-eval": ["linear.epochs=2", "data.workers=0"],
+}
+
+
+def test_own_images_commands_run_from_another_directory(tmp_path):
+    photos = tmp_path / "my_photos"  # Fashion-MNIST PNGs in class folders, 16 + 8 a class
+    for folder in sorted((ROOT / "tests" / "fixtures" / "fashion").iterdir()):
+        files = sorted(folder.glob("*.png"))
+        for split, chosen in (("train", files[:16]), ("val", files[16:24])):
+            (photos / split / folder.name).mkdir(parents=True)
+            for f in chosen:
+                shutil.copy(f, photos / split / folder.name / f.name)
+    wcl = str(Path(sys.executable).parent / "wcl")
+    commands = re.search(r"```sh\n(.*?)```", OWN_IMAGES, re.S).group(1)
+    for line in commands.splitlines():
+        argv = shlex.split(line, comments=True)
+        for key in TINY.get(argv[1], []):
+            argv += ["--set", key]
+        run([wcl, *argv[1:]], tmp_path)
+    assert (tmp_path / "runs" / "mine" / "report.md").is_file()
+    block = re.search(r"```python\n(.*?)```", OWN_IMAGES, re.S).group(1)
+    lines = run([sys.executable, "-c", block], tmp_path).splitlines()
+    similarity = [float(x.split()[0]) for x in lines]
+    assert len(lines) == 5 and similarity == sorted(similarity, reverse=True)
+    assert all("my_photos/val/" in x for x in lines)

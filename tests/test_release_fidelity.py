@@ -164,12 +164,14 @@ def max_relative(got: dict, want: dict) -> float:
     """Largest |got - want| / max|want| over the tensors of two name -> tensor dicts.
 
     A bias just before a BatchNorm has a gradient of exactly 0 in exact arithmetic (the
-    normalisation removes it), so rounding (1e-16) is all there is: max|want| is floored
-    at 1e-9, which compares such tensors at 1e-15 absolute.
+    normalisation removes it), so rounding (1e-16 here) is all there is: max|want| is
+    floored at 1e-6 of the largest |want| of all tensors, which compares such tensors at
+    1e-12 of that (about 1e-11 absolute).
     """
     assert got.keys() == want.keys()
+    floor = 1e-6 * max(float(w.abs().max()) for w in want.values())
     return max(
-        float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp(min=1e-9)) for k in want
+        float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp(min=floor)) for k in want
     )
 
 

@@ -226,7 +226,7 @@ def test_nonstandard_export_sidecar_safetensors_and_rebuild(tmp_path):
     for kind in ("pt", "safetensors"):
         loaded = load_backbone(paths[kind])
         torch.testing.assert_close(loaded.module.eval()(x), expected)
-        assert loaded.config["data"] == {"image_size": 28, "dataset": "fashion_mnist"}
+        assert loaded.config["data"] == {"image_size": 28, "dataset": "fashion_mnist", "resize": 28}
 
 
 def test_export_onnx_runs_like_the_backbone(tmp_path):

@@ -245,7 +245,8 @@ def sections_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
 
     Unknown sections and keys, and values of the wrong type, are ConfigErrors naming
     the key. Range checks are the caller's (see :func:`validate`). A ``~`` that starts
-    the value of a path key (``PATH_KEYS``) is expanded to the home folder.
+    the value of a path key (``PATH_KEYS``) is expanded to the home folder; a data root is
+    made absolute.
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
@@ -270,6 +271,10 @@ def sections_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
             value = _check_type(f"{name}.{key}", value, hints[key])
             if key in PATH_KEYS and isinstance(value, str):
                 value = os.path.expanduser(value)
+                if key == "root":
+                    # Saved in config.yaml and read again by later commands, which may
+                    # run elsewhere: the evaluations take their data from it.
+                    value = os.path.abspath(value)
             setattr(section, key, value)
     return cfg
 

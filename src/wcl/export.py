@@ -15,12 +15,11 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.torch_version import TorchVersion
 
-from wcl.data import dataset_stats
+from wcl.preprocess import input_size, preprocessing
 from wcl.weights import BackboneSpec, atomic_write, load_backbone, write_json
 
 __all__ = ["OnnxUnavailableError", "export_backbone", "input_size"]
@@ -31,20 +30,6 @@ class OnnxUnavailableError(RuntimeError):
     onnxscript is older than the exporter needs (``ONNX_MIN_TORCH``, ``ONNX_MIN_ONNXSCRIPT``)."""
 
 
-def input_size(spec: BackboneSpec, config: dict[str, Any] | None) -> int:
-    """Image side (pixels) the backbone was trained on: the config's, else 224 / 32 by stem."""
-    size = ((config or {}).get("data") or {}).get("image_size")
-    if isinstance(size, int) and size > 0:
-        return size
-    return 224 if spec.stem == "imagenet" else 32
-
-
-def _normalisation(spec: BackboneSpec, config: dict[str, Any] | None) -> dict[str, Any]:
-    dataset = ((config or {}).get("data") or {}).get("dataset", "imagenet")
-    mean, std = dataset_stats(dataset, spec.in_channels)
-    return {"dataset": dataset, "mean": list(mean), "std": list(std), "pixel_scale": "[0, 1]"}
-
-
 def _sidecar(spec: BackboneSpec, config: dict | None, source: Path, files: dict) -> dict:
     args = f"{spec.name!r}, stem={spec.stem!r}, in_channels={spec.in_channels}, width={spec.width}"
     rebuild = {"wcl": f"wcl.backbones.build_backbone({args})"}
@@ -53,15 +38,22 @@ def _sidecar(spec: BackboneSpec, config: dict | None, source: Path, files: dict)
             f"torchvision.models.{spec.name}(); load_state_dict(sd, strict=False) "
             "(only fc.weight and fc.bias are missing; set fc = torch.nn.Identity() for features)"
         )
-    size = input_size(spec, config)
+    prep = preprocessing(spec, config)
     return {
         "format": "wcl-backbone",
         "backbone": spec.to_dict(),
         "torchvision_compatible": spec.torchvision_compatible,
         "rebuild": rebuild,
         "input": {
-            "shape": ["batch", spec.in_channels, size, size],
-            "normalisation": _normalisation(spec, config),
+            "shape": ["batch", spec.in_channels, prep.crop, prep.crop],
+            "normalisation": {
+                "dataset": prep.stats,
+                "mean": list(prep.mean),
+                "std": list(prep.std),
+                "pixel_scale": "[0, 1]",
+            },  # fmt: skip
+            # What `wcl embed` does to an image file's pixels (uint8, C x H x W) first.
+            "preprocessing": prep.to_dict(),
         },
         "output": {"shape": ["batch", spec.feature_dim], "what": "global-average-pooled features"},
         "source": str(source),
@@ -144,6 +136,8 @@ def export_backbone(
     paths = {"pt": out / f"{name}.pt", "safetensors": out / f"{name}.safetensors"}
     if onnx:
         paths["onnx"] = out / f"{name}.onnx"
+    else:  # an earlier export's ONNX file would no longer match the weights and the JSON
+        (out / f"{name}.onnx").unlink(missing_ok=True)
     paths["json"] = out / f"{name}.json"
 
     # Detached contiguous copies: safetensors refuses views and shared storage.

@@ -227,8 +227,9 @@ def _sidecar_config(path: str | os.PathLike) -> dict[str, Any] | None:
     if info.get("format") != "wcl-backbone":
         return None
     stem = (info.get("backbone") or {}).get("stem")
-    return {"data": {"image_size": size, "dataset": normalisation.get("dataset")},
-            "model": {"stem": stem}}  # fmt: skip
+    resize = ((info["input"].get("preprocessing") or {}).get("resize") or {}).get("short_side")
+    data = {"image_size": size, "dataset": normalisation.get("dataset"), "resize": resize}
+    return {"data": data, "model": {"stem": stem}}
 
 
 def atomic_write(path: str | os.PathLike, write: Any, mode: str = "wb") -> None:

@@ -27,6 +27,7 @@ from wcl.data.datasets import (
     load_fashion_mnist,
     load_torchvision_dataset,
     read_idx,
+    stats_name,
 )
 from wcl.data.decode import (
     BROKEN_REASONS,
@@ -88,6 +89,7 @@ __all__ = [
     "read_image",
     "read_skip_log",
     "sample_seed",
+    "stats_name",
     "strong_pipeline",
     "two_view_seeds",
     "view_seeds",

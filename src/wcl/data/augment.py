@@ -26,6 +26,7 @@ from wcl.data.seeds import sample_seed
 __all__ = [
     "ColourJitter",
     "GaussianBlur",
+    "ToChannels",
     "WithIndex",
     "TwoViews",
     "blur_kernel_size",
@@ -212,6 +213,24 @@ def strong_pipeline(
             v2.Normalize(list(mean), list(std)),
         ]
     )
+
+
+class ToChannels(torch.nn.Module):
+    """uint8 (C, H, W) -> (channels, H, W): grey repeated to RGB, RGB to luma (BT.601)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        have = image.shape[-3]
+        if have == self.channels:
+            return image
+        if self.channels == 3 and have == 1:
+            return image.expand(*image.shape[:-3], 3, *image.shape[-2:])
+        if self.channels == 1 and have == 3:
+            return v2.functional.rgb_to_grayscale(image)
+        raise ValueError(f"cannot turn a {have}-channel image into {self.channels} channels")
 
 
 def eval_pipeline(

@@ -27,6 +27,7 @@ __all__ = [
     "TensorImageDataset",
     "build_dataset",
     "dataset_stats",
+    "stats_name",
     "load_fashion_mnist",
     "load_torchvision_dataset",
     "read_idx",
@@ -304,6 +305,12 @@ def build_dataset(
     if name in _SUBSTITUTING:
         dataset.substitute = substitute
     return dataset
+
+
+def stats_name(dataset: str | None) -> str:
+    """The DATASET_STATS entry that normalises ``dataset``: its own, else ImageNet's
+    (image folders, unknown names)."""
+    return dataset if dataset in DATASET_STATS else "imagenet"
 
 
 def dataset_stats(name: str, channels: int | None = None) -> Stats:

@@ -8,7 +8,8 @@ directory and writes files in it (:func:`start_run`, :func:`write_results`).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ from torch.utils.data import Dataset
 from wcl import dist
 from wcl.checkpoint import load_checkpoint
 from wcl.config import ConfigError, config_changes
-from wcl.data import read_skip_log, unwrap_image_folder
-from wcl.eval.config import EvalRun
+from wcl.data import read_skip_log, stats_name, unwrap_image_folder
+from wcl.eval.config import EvalData, EvalRun
 from wcl.eval.data import Splits, eval_transform
 from wcl.eval.features import (
     extract_features,
@@ -30,6 +31,7 @@ from wcl.eval.features import (
     save_features,
 )
 from wcl.eval.shards import gather_shards, shard
+from wcl.preprocess import default_resize, input_size
 from wcl.run import amp_dtype
 from wcl.weights import LoadedBackbone, load_backbone, write_json
 
@@ -37,7 +39,9 @@ __all__ = [
     "SKIP_LOG",
     "Setup",
     "open_run",
+    "resolve_data",
     "resolve_device",
+    "describe_data",
     "gathered_features",
     "log_broken_files",
     "skipped_images",
@@ -110,6 +114,10 @@ def open_run(cfg: Any, command: str, resume: str | None, trains: bool) -> Setup:
     checkpoint = Path(run.checkpoint)  # validated to exist
     default = checkpoint.parent / "eval" / checkpoint.stem / command
     run_dir = Path(run.out_dir) if run.out_dir else default
+    backbone = load_backbone(checkpoint)
+    cfg.data = resolve_data(cfg.data, backbone, checkpoint)  # before any config comparison
+    if dist.is_main():
+        print(f"{command}: {describe_data(cfg.data, backbone)}", flush=True)
     state = None
     if resume is not None:
         path = run_dir / "last.pt" if resume == "auto" else Path(resume)
@@ -128,14 +136,72 @@ def open_run(cfg: Any, command: str, resume: str | None, trains: bool) -> Setup:
             f"run directory {str(run_dir)!r} already holds a run (config.yaml); pass "
             "--resume auto to continue it, or set run.out_dir to another folder"
         )
-    backbone = load_backbone(checkpoint)
-    channels = cfg.data.channels or backbone.spec.in_channels
-    if channels != backbone.spec.in_channels:
+    return Setup(run_dir, device, amp_dtype(run.amp, device), backbone, cfg.data.channels, state)
+
+
+def resolve_data(d: EvalData, loaded: LoadedBackbone, checkpoint: Path) -> EvalData:
+    """``d`` with every unset data key taken from the checkpoint's pre-training config:
+    data set and root (together), image size, the test resize, channels and the
+    normalisation statistics. ConfigError when a key is needed and the checkpoint cannot
+    say (no config), or contradicts the backbone (channels); a warning on stderr when the
+    image size differs from the pre-training one."""
+    pre = (loaded.config or {}).get("data") or {}
+    spec = loaded.spec
+    if d.dataset is None:
+        if not pre.get("dataset"):
+            raise ConfigError(
+                f"'data.dataset' is not set and {checkpoint} carries no pre-training config "
+                "to take it from: set data.dataset (and data.root)"
+            )
+        dataset, root = pre["dataset"], d.root if d.root is not None else pre.get("root")
+        if dataset == "folder" and not root:
+            raise ConfigError(f"{checkpoint} was pre-trained on a folder: set data.root")
+        if root and not d.download and not Path(root).exists():
+            raise ConfigError(
+                f"'data.root' {root!r} (from {checkpoint}'s pre-training config) does not "
+                "exist here: set data.root"
+            )
+    else:
+        dataset, root = d.dataset, d.root
+    channels = d.channels or spec.in_channels
+    if channels != spec.in_channels:
         raise ConfigError(
             f"'data.channels' is {channels} but the backbone in {checkpoint} takes "
-            f"{backbone.spec.in_channels}-channel images"
+            f"{spec.in_channels}-channel images"
         )
-    return Setup(run_dir, device, amp_dtype(run.amp, device), backbone, channels, state)
+    trained = input_size(spec, loaded.config)
+    if d.image_size is not None and d.image_size != trained and loaded.config is not None:
+        print(
+            f"wcl: warning: 'data.image_size' {d.image_size} differs from the {trained} px "
+            f"the backbone in {checkpoint} was pre-trained at",
+            file=sys.stderr,
+        )
+    crop = d.image_size or trained
+    return replace(
+        d,
+        dataset=dataset,
+        root=root,
+        channels=channels,
+        image_size=crop,
+        resize=d.resize or default_resize(crop, spec.stem),
+        stats=d.stats or stats_name(pre.get("dataset") or dataset),
+    )
+
+
+def describe_data(d: EvalData, loaded: LoadedBackbone) -> str:
+    """One line: what a resolved EvalData evaluates on, and where its settings came from."""
+    pre = (loaded.config or {}).get("data") or {}
+    where = f" ({d.root})" if d.root else ""
+    origin = (
+        "as pre-trained"
+        if pre.get("dataset") == d.dataset
+        and input_size(loaded.spec, loaded.config) == d.image_size
+        else f"pre-trained on {pre.get('dataset', 'unknown data')}"
+    )
+    return (
+        f"evaluating on {d.dataset}{where}, {d.channels} channel(s), resize {d.resize} + "
+        f"centre crop {d.image_size} px, {d.stats} normalisation ({origin})"
+    )
 
 
 def start_run(setup: Setup, cfg: Any) -> None:

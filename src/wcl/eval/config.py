@@ -35,12 +35,16 @@ T = TypeVar("T")
 
 @dataclass
 class EvalData:
-    dataset: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | stl10 | folder
-    root: str | None = None  # None: the dataset's default location
+    # What to evaluate on. None: as the checkpoint was pre-trained (its config), resolved
+    # by wcl.eval.common.open_run before any data is read.
+    dataset: str | None = None  # fashion_mnist | cifar10 | cifar100 | stl10 | folder
+    root: str | None = None  # None: the pre-training root (or the dataset's default place)
     download: bool = False  # opt-in torchvision download (needs internet)
     channels: int | None = None  # None: the backbone's input channels
-    image_size: int = 28  # crop side in pixels (train and test)
-    resize: int | None = None  # test: short side before the centre crop (None: image_size)
+    image_size: int | None = None  # crop side in pixels (train and test); None: pre-training's
+    resize: int | None = None  # test: short side before the centre crop (None: 256/224 of
+    # image_size for the ImageNet stem, else image_size)
+    stats: str | None = None  # whose mean/std normalise; None: the pre-training data set's
     min_scale: float = 0.08  # train RandomResizedCrop lower scale
     flip: bool = True  # train horizontal flip
     workers: int = 2  # DataLoader worker processes
@@ -135,7 +139,8 @@ class FinetuneConfig:
 KINDS: dict[str, type] = {"linear": LinearConfig, "knn": KnnConfig, "finetune": FinetuneConfig}
 
 _CHOICES = {
-    "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
+    "data.dataset": (None, "fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
+    "data.stats": (None, "fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet"),
     "data.channels": (None, 1, 3),
     "run.device": ("auto", "cpu", "cuda"),
     "run.dist_backend": ("auto", "nccl", "gloo"),

@@ -6,8 +6,10 @@ that into float32 ``(channels, size, size)`` normalised with the dataset's stati
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -15,6 +17,8 @@ from torchvision.transforms import v2
 
 from wcl.config import ConfigError
 from wcl.data import build_dataset, dataset_stats, sample_seed
+from wcl.data.augment import ToChannels
+from wcl.data.folder import split_dir
 from wcl.eval.config import EvalData
 
 __all__ = [
@@ -30,26 +34,8 @@ __all__ = [
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-class ToChannels(torch.nn.Module):
-    """uint8 (C, H, W) -> (channels, H, W): grey repeated to RGB, RGB to luma (BT.601)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.channels = channels
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        have = image.shape[-3]
-        if have == self.channels:
-            return image
-        if self.channels == 3 and have == 1:
-            return image.expand(*image.shape[:-3], 3, *image.shape[-2:])
-        if self.channels == 1 and have == 3:
-            return v2.functional.rgb_to_grayscale(image)
-        raise ValueError(f"cannot turn a {have}-channel image into {self.channels} channels")
-
-
 def _tail(d: EvalData, channels: int) -> list[v2.Transform]:
-    mean, std = dataset_stats(d.dataset, channels)
+    mean, std = dataset_stats(d.stats or d.dataset or "imagenet", channels)
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
@@ -137,6 +123,17 @@ def load_splits(d: EvalData, channels: int) -> Splits:
     ``channels`` is what image folders are decoded to; built-in datasets keep their own
     (the pipelines convert with :class:`ToChannels`).
     """
+    if (
+        d.dataset == "folder"
+        and d.root
+        and split_dir(Path(d.root), True) == split_dir(Path(d.root), False)
+    ):
+        print(
+            f"wcl: warning: {d.root} has no train/ and val/ (or test/) sub-folders, so the "
+            "test split is the training split: accuracies are on images the classifier or "
+            "the kNN bank has seen",
+            file=sys.stderr,
+        )
     # Broken files are left out of both splits (collate_readable), never replaced.
     train, test = (
         build_dataset(d.dataset, d.root, split, d.download, channels, substitute=False)

@@ -10,11 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wcl.data import BROKEN, ImageFolderDataset, dataset_stats, read_skip_log
+from wcl.data import BROKEN, ImageFolderDataset, read_skip_log
 from wcl.eval.common import resolve_device
-from wcl.eval.data import ToChannels
 from wcl.eval.features import extract_features
-from wcl.export import input_size
+from wcl.preprocess import preprocessing
 from wcl.run import amp_dtype
 from wcl.weights import atomic_write, load_backbone
 
@@ -76,23 +75,7 @@ def embed_images(
     """
     loaded = load_backbone(checkpoint)
     spec = loaded.spec
-    size = image_size or input_size(spec, loaded.config)
-    if resize is None:
-        resize = round(size * 256 / 224) if spec.stem == "imagenet" else size
-    dataset_name = ((loaded.config or {}).get("data") or {}).get("dataset", "imagenet")
-    mean, std = dataset_stats(dataset_name, spec.in_channels)
-
-    from torchvision.transforms import v2
-
-    transform = v2.Compose(
-        [
-            ToChannels(spec.in_channels),
-            v2.Resize(resize, antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
+    transform = preprocessing(spec, loaded.config, image_size, resize).transform()
     array_path, list_path = embedding_paths(out)
     array_path.parent.mkdir(parents=True, exist_ok=True)
     log = skipped_path(out)
