@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -137,6 +138,15 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        if _disk_full(err):
+            # torch's zip writer reports a full disk as "unexpected pos ..." with the
+            # OSError only in the chain: say what happened, in one line.
+            free = shutil.disk_usage(directory).free
+            raise OSError(
+                errno.ENOSPC,
+                f"could not write checkpoint {path}: no space left on device ({free} bytes "
+                "free there); the previous checkpoint at that path (if any) is intact",
+            ) from None
         message = (
             f"could not write checkpoint {path}: {err}; "
             "the previous checkpoint at that path (if any) is intact"
@@ -155,6 +165,20 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
             f"checkpoint {path} was written, but syncing its directory failed ({err}); "
             "it may not survive a power loss",
         ) from err
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether ``err`` or an exception in its chain is ENOSPC (or, on Windows-like error
+    reporting without errno, says "No space left")."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ from wcl.checkpoint import (
 from wcl.config import Config, ConfigError, config_changes
 
 __all__ = [
+    "BufferSnapshot",
     "PREEMPTED_EXIT_CODE",
     "Preempted",
     "PreemptionFlag",
@@ -154,12 +156,18 @@ class RunState:
 
 
 class Preempted(Exception):
-    """Training stopped on a signal after writing ``checkpoint``; resume with --resume auto."""
+    """Training stopped on a signal after writing ``checkpoint`` (None: stopped during
+    start-up, before a step, with nothing new to save); resume with --resume auto."""
 
-    def __init__(self, signal_name: str, checkpoint: Path, step: int) -> None:
+    def __init__(self, signal_name: str, checkpoint: Path | None, step: int) -> None:
+        done = (
+            f"stopped after step {step} and wrote {checkpoint}"
+            if checkpoint is not None
+            else f"stopped during start-up, before step {step + 1}, with nothing new to save"
+        )
         super().__init__(
-            f"{signal_name} received: stopped after step {step} and wrote {checkpoint}; "
-            f"continue with --resume auto (exit status {PREEMPTED_EXIT_CODE})"
+            f"{signal_name} received: {done}; continue with --resume auto "
+            f"(exit status {PREEMPTED_EXIT_CODE})"
         )
         self.checkpoint = checkpoint
 
@@ -236,34 +244,80 @@ class ResumableSampler(DistributedSampler):
 
 
 class MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed) in the run directory, rank 0 only."""
+    """metrics.jsonl (and TensorBoard when installed) in the run directory, rank 0 only.
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+    Opening it for a run at ``step`` drops the records after that step (written after the
+    checkpoint a resumed run starts from: the resumed run writes them again) and a last
+    line cut short by a killed process. Values that are not finite are written as null, so
+    every line is JSON.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, step: int = 0) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.file = None
         self.board = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if not enabled:
+            return
+        _keep_records_up_to(self.path, step)
+        self.file = open(self.path, "a")  # noqa: SIM115
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.board = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # TensorBoard is optional
-                pass
+            self.board = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # TensorBoard is optional
+            pass
 
     def write(self, record: dict) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in record.items()}  # fmt: skip
+        try:
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as err:
+            self._close_board()
+            raise OSError(err.errno, f"cannot append to {self.path}: {err.strerror}") from None
         if self.board is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, float):
-                    self.board.add_scalar(f"pretrain/{key}", value, record["step"])
+            try:
+                for key, value in record.items():
+                    if key not in ("step", "epoch") and isinstance(value, float):
+                        self.board.add_scalar(f"pretrain/{key}", value, record["step"])
+            except (OSError, RuntimeError) as err:  # its writer thread's error, e.g. ENOSPC
+                self._close_board()
+                warnings.warn(f"TensorBoard logging stopped: {err}", stacklevel=2)
+
+    def _close_board(self) -> None:
+        board, self.board = self.board, None
+        if board is not None:
+            with contextlib.suppress(Exception):
+                board.close()
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
-        if self.board is not None:
-            self.board.close()
+            with contextlib.suppress(OSError):  # a full disk: the error was already raised
+                self.file.close()
+        self._close_board()
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite ``path`` (if any) with its whole JSON lines whose step is at most ``step``."""
+    if not path.exists():
+        return
+    kept, dropped = [], False
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record.get("step", 0)) <= step
+        except (ValueError, TypeError, AttributeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        dropped = dropped or not keep
+    if dropped:
+        tmp = path.with_name(".tmp-" + path.name)
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def check_run_dir(run_dir: Path, resuming: bool) -> None:
@@ -278,12 +332,11 @@ def check_run_dir(run_dir: Path, resuming: bool) -> None:
 def find_resume_checkpoint(resume: str | None, run_dir: Path, cfg: Config) -> dict | None:
     """The checkpoint to resume from (None: start fresh), checked against ``cfg``.
 
-    Leftover temporary files of an interrupted save are removed first.
+    (Leftover temporary files of an interrupted save are removed by the run directory's
+    lock holder, ``wcl.lock.RunLock``: never by a process that may not own them.)
     """
     if resume is None:
         return None
-    for stale in run_dir.glob(".tmp-*"):
-        stale.unlink(missing_ok=True)
     path = latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
     if path is None:
         return None
@@ -342,6 +395,22 @@ def save_run_checkpoint(
         },
         path,
     )
+
+
+class BufferSnapshot:
+    """The model's buffers (BatchNorm running statistics) as they were before a step, to
+    put back when the step is dropped: a skipped step then leaves the whole model state
+    as it was, not only the parameters (a forward pass over a batch with NaN or Inf would
+    otherwise leave them in the running statistics)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = [b.detach().clone() for b in model.buffers()]
+        self.model = model
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, saved in zip(self.model.buffers(), self.saved, strict=True):
+                buffer.copy_(saved)
 
 
 def keep_epoch_copy(run_dir: Path, epoch: int) -> None:

@@ -32,9 +32,11 @@ from wcl.data import (
     unwrap_image_folder,
 )
 from wcl.data.views import TrainingViews
+from wcl.lock import run_dir_lock
 from wcl.model import WCL
 from wcl.optim import LARS, lr_at, param_groups, scaled_lr, set_lr
 from wcl.run import (
+    BufferSnapshot,
     MetricsLog,
     Preempted,
     PreemptionFlag,
@@ -195,27 +197,43 @@ def _summarise(window: list[dict], step: int, epoch: int, seconds: float, batch:
     return record
 
 
+def _mark_preempted(run_dir: Path, main: bool, preemption: PreemptionFlag, step: int) -> None:
+    """The ``preempted`` file (signal and step) that a job script tests to requeue."""
+    if main:
+        (run_dir / "preempted").write_text(f"{preemption.received} {step}\n")
+
+
 def pretrain(cfg: Config, resume: str | None = None) -> Path:
     """Pre-train WCL as ``cfg`` says; returns the run directory.
 
     resume: None (fresh run), "auto" (the run directory's last.pt, if any) or a
     checkpoint path. Writes config.yaml, metrics.jsonl, last.pt and epoch-NNNN.pt.
-    Raises :class:`wcl.run.Preempted` after checkpointing on SIGTERM / SIGUSR1.
+    Raises :class:`wcl.run.Preempted` after checkpointing on SIGTERM / SIGUSR1 (or, during
+    start-up, before the first step), and :class:`wcl.lock.RunDirLocked` when another
+    live run holds the run directory.
     """
     info = dist.init_distributed(cfg.train.dist_backend, cfg.train.device)
-    device, world = info.device, info.world_size
-    if cfg.train.batch_size % world:
+    if cfg.train.batch_size % info.world_size:
         raise ConfigError(
             f"'train.batch_size' {cfg.train.batch_size} (global) is not divisible by the "
-            f"{world} processes"
+            f"{info.world_size} processes"
         )
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.train.out_dir)
+    # From here on a signal (SLURM's pre-emption warning), start-up included, ends the run
+    # with a `preempted` file; one run at a time writes the directory.
+    with PreemptionFlag() as preemption, run_dir_lock(run_dir, "wcl pretrain"):
+        return _pretrain(cfg, resume, info, run_dir, preemption)
+
+
+def _pretrain(
+    cfg: Config, resume: str | None, info: dist.DistInfo, run_dir: Path, preemption: PreemptionFlag
+) -> Path:
+    device, world = info.device, info.world_size
     check_run_dir(run_dir, resuming=resume is not None)
     checkpoint = find_resume_checkpoint(resume, run_dir, cfg)
     dist.barrier()  # every process has checked the directory before rank 0 writes to it
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     # Data: every process sees a disjoint 1/world of each global batch.
     views, classes = _training_data(cfg, run_dir)
@@ -274,7 +292,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     if main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (run_dir / "preempted").unlink(missing_ok=True)
-    log = MetricsLog(run_dir, main)
+    log = MetricsLog(run_dir, main, state.step)
     monitor = _knn_monitor(cfg, autocast_dtype) if labelled else None
 
     def save(epoch_copy: bool = False) -> None:
@@ -287,11 +305,11 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     skipped, batch = 0, cfg.train.batch_size
     count_skipped = cfg.train.nonfinite == "skip" or scaler.is_enabled()
     scale = scaler.get_scale()  # the float16 loss scale (1.0 when off)
-    with (
-        deterministic_algorithms(cfg.train.deterministic),
-        PreemptionFlag() as preemption,
-        workers_stopped_after(loader),
-    ):
+    if preemption.should_stop():  # a signal during start-up: stop before the first step
+        _mark_preempted(run_dir, main, preemption, state.step)
+        log.close()
+        raise Preempted(preemption.received or "signal", None, state.step)
+    with deterministic_algorithms(cfg.train.deterministic), workers_stopped_after(loader):
         for epoch in range(state.epoch, cfg.train.epochs):
             state.epoch = epoch
             sampler.set_epoch(epoch)
@@ -311,6 +329,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
                 set_lr(optimizer, lr)
                 x1, x2, targets, small = views.make(loaded, device, memory_format)
                 targets = targets.to(device, non_blocking=True) if labelled else None
+                before = BufferSnapshot(model) if count_skipped else None
                 with torch.autocast(
                     device.type,
                     dtype=autocast_dtype or torch.float32,
@@ -333,6 +352,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
                     optimizer.step()
                     stepped = True
                 skipped += not stepped
+                if not stepped and before is not None:
+                    before.restore()  # the forward pass's BatchNorm statistics go too
                 # Under nonfinite=skip a dropped step's metrics are dropped too; otherwise
                 # a non-finite loss reaches _summarise, which stops the run.
                 if stepped or cfg.train.nonfinite != "skip":
@@ -367,8 +388,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
                     if end_of_epoch:
                         state.epoch = epoch + 1
                         save()
-                    if main:
-                        (run_dir / "preempted").write_text(f"{preemption.received} {state.step}\n")
+                    _mark_preempted(run_dir, main, preemption, state.step)
                     log.close()
                     raise Preempted(
                         preemption.received or "signal", run_dir / "last.pt", state.step

@@ -74,6 +74,7 @@ class DataReport:
     readable: int = 0
     broken: list[BrokenFile] = field(default_factory=list)
     classes: dict[str, int] = field(default_factory=dict)
+    empty_classes: list[str] = field(default_factory=list)  # class folders with no image
     readable_per_class: dict[str, int] = field(default_factory=dict)
     modes: dict[str, int] = field(default_factory=dict)
     exif_rotated: int = 0
@@ -121,6 +122,8 @@ class DataReport:
         ignored = f", {self.ignored_files} other files ignored" if self.ignored_files else ""
         kind = f"{len(self.classes)} classes" if self.classes else "unlabelled"
         lines.append(f"  image files: {self.files} ({kind}{ignored})")
+        if self.empty_classes:
+            lines.append(f"  empty class folders (left out): {', '.join(self.empty_classes)}")
         lines.append(f"  readable:    {self.readable}")
         lines.append(f"  broken:      {len(self.broken)}")
         lines.extend(self._broken_lines())
@@ -294,6 +297,7 @@ def check_data(
     class_of = {path: target for path, target in dataset.samples}
     files_per_class = Counter(class_of.values())
     report.classes = {name: files_per_class[k] for k, name in enumerate(dataset.classes)}
+    report.empty_classes = list(dataset.empty_classes)
 
     readable_per_class: Counter[int] = Counter()
     modes: Counter[str] = Counter()

@@ -156,7 +156,9 @@ def _file_size(source: str | os.PathLike[str] | bytes) -> int | None:
 
 def _classify(err: Exception, size: int | None, converting: bool) -> str:
     """The BROKEN_REASONS category of a decoding failure."""
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
+    # A system error on the file itself (missing, no permission, a symlink loop, EIO), as
+    # check-data names it; Pillow's format errors carry no errno.
+    if isinstance(err, OSError) and err.errno is not None or size is None:
         return UNREADABLE
     if size == 0:
         return ZERO_BYTE

@@ -146,11 +146,23 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"no image files ({exts}) found under {self.root}")
 
         relative = [p.relative_to(self.root).parts for p in paths]
+        self.empty_classes: list[str] = []  # class folders holding no image file
         if any(len(parts) == 1 for parts in relative):
             self.classes: list[str] = []
             targets = [-1] * len(paths)
         else:
             self.classes = sorted({parts[0] for parts in relative})
+            self.empty_classes = sorted(
+                d.name for d in self.root.iterdir()
+                if d.is_dir() and not d.name.startswith(".") and d.name not in self.classes
+            )  # fmt: skip
+            if self.empty_classes:
+                warnings.warn(
+                    f"{self.root}: class folder(s) {self.empty_classes} hold no image file "
+                    f"and are left out; the {len(self.classes)} classes are the other folders",
+                    BrokenImageWarning,
+                    stacklevel=2,
+                )
             index = {name: k for k, name in enumerate(self.classes)}
             targets = [index[parts[0]] for parts in relative]
         self.samples: list[tuple[str, int]] = [

@@ -31,6 +31,7 @@ from wcl.eval.features import (
     save_features,
 )
 from wcl.eval.shards import gather_shards, shard
+from wcl.lock import RunDirLocked, RunLock
 from wcl.preprocess import default_resize, input_size
 from wcl.run import amp_dtype
 from wcl.weights import LoadedBackbone, load_backbone, write_json
@@ -42,6 +43,7 @@ __all__ = [
     "resolve_data",
     "resolve_device",
     "describe_data",
+    "finish_run",
     "gathered_features",
     "log_broken_files",
     "skipped_images",
@@ -86,6 +88,7 @@ class Setup:
     backbone: LoadedBackbone
     channels: int
     state: dict[str, Any] | None  # a loaded last.pt when resuming
+    lock: RunLock | None = None  # rank 0's hold on run_dir, from start_run to finish_run
 
 
 def _check_same_config(saved: dict[str, Any], cfg: Any, path: Path) -> None:
@@ -212,9 +215,25 @@ def start_run(setup: Setup, cfg: Any) -> None:
     :func:`open_run`'s "directory already holds a run" check.
     """
     dist.barrier()
+    refusal = None
     if dist.is_main():
-        setup.run_dir.mkdir(parents=True, exist_ok=True)
+        try:  # one run at a time writes the directory (wcl.lock)
+            setup.lock = RunLock(setup.run_dir).acquire(f"wcl {setup.run_dir.name}")
+        except RunDirLocked as err:
+            refusal = err
+    if dist.max_over_processes(int(refusal is not None)):
+        raise refusal or RunDirLocked(f"run directory {str(setup.run_dir)!r} is in use (rank 0)")
+    if dist.is_main():
         (setup.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def finish_run(setup: Setup) -> None:
+    """Wait until rank 0 has written the results (nobody exits before), then let go of the
+    run directory."""
+    dist.barrier()
+    if setup.lock is not None:
+        setup.lock.release()
+        setup.lock = None
 
 
 def write_results(setup: Setup, cfg: Any, command: str, results: dict[str, Any]) -> Path:

@@ -28,7 +28,14 @@ from torch.utils.data import Dataset, Subset
 from wcl import dist
 from wcl.config import ConfigError
 from wcl.data import ImageFolderDataset, sample_seed
-from wcl.eval.common import log_broken_files, open_run, skipped_images, start_run, write_results
+from wcl.eval.common import (
+    finish_run,
+    log_broken_files,
+    open_run,
+    skipped_images,
+    start_run,
+    write_results,
+)
 from wcl.eval.config import FinetuneConfig
 from wcl.eval.data import MapImages, dataset_targets, eval_transform, load_splits, train_transform
 from wcl.eval.features import file_identity
@@ -220,5 +227,5 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
     info["skipped_images"] = skipped_images(setup, splits, history)
     results = {**summarise(history), "complete": True, **info, "history": history}
     write_results(setup, cfg, "finetune", results)
-    dist.barrier()  # nobody exits before rank 0 has written the results
+    finish_run(setup)
     return results

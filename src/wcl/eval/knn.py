@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from wcl import dist
 from wcl.config import ConfigError
 from wcl.eval.common import (
+    finish_run,
     gathered_features,
     log_broken_files,
     open_run,
@@ -291,5 +292,5 @@ def knn_eval(cfg: KnnConfig) -> dict[str, Any]:
         ),
     }
     write_results(setup, cfg, "knn-eval", results)
-    dist.barrier()  # nobody exits before rank 0 has written the results
+    finish_run(setup)
     return results

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from wcl import dist
 from wcl.eval.common import (
+    finish_run,
     log_broken_files,
     open_run,
     skipped_images,
@@ -254,5 +255,5 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
     info["skipped_images"] = skipped_images(setup, splits, history, **used)
     results = {**summarise(history), "complete": True, **info, "history": history}
     write_results(setup, cfg, command, results)
-    dist.barrier()  # nobody exits before rank 0 has written the results
+    finish_run(setup)
     return results
