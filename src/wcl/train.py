@@ -202,7 +202,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     checkpoint path. Writes config.yaml, metrics.jsonl, last.pt and epoch-NNNN.pt.
     Raises :class:`wcl.run.Preempted` after checkpointing on SIGTERM / SIGUSR1.
     """
-    info = dist.init_distributed(cfg.train.dist_backend, cfg.train.device)
+    device_type = dist.resolve_device(cfg.train.device, "train.device").type
+    info = dist.init_distributed(cfg.train.dist_backend, device_type)
     device, world = info.device, info.world_size
     if cfg.train.batch_size % world:
         raise ConfigError(

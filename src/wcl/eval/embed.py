@@ -73,6 +73,7 @@ def embed_images(
     earlier run is removed). Path lines are the file names' bytes, so a name that is not
     UTF-8 comes out as it is on disk.
     """
+    dev = resolve_device(device, "--device")  # before anything is read
     loaded = load_backbone(checkpoint)
     spec = loaded.spec
     transform = preprocessing(spec, loaded.config, image_size, resize).transform()
@@ -81,7 +82,6 @@ def embed_images(
     log = skipped_path(out)
     log.unlink(missing_ok=True)
     dataset = ImageFolderDataset(images, channels=spec.in_channels, skip_log=log, substitute=False)
-    dev = resolve_device(device)
     module = loaded.module.to(dev)
     feats, targets = extract_features(
         module,
