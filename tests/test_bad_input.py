@@ -2,6 +2,8 @@
 on stderr naming the file, key or value, and the documented exit status (2: a bad config
 or input, 1: a file wcl cannot use), never a traceback, and before work is wasted."""
 
+import gzip
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,101 @@ def test_cuda_without_a_gpu_is_a_config_error(tmp_path, capsys, no_gpu):
     assert "'--device' is cuda" in one_line_error(capsys, [*argv, "--device", "cuda"], 2)
     with pytest.raises(ConfigError, match="no CUDA device"):
         dist.init_distributed("auto", "cuda")  # the library call, too
+
+
+# 2. Broken Fashion-MNIST IDX files
+
+IMAGES, LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+
+
+def _header(type_code: int, *dims: int) -> bytes:
+    return bytes([0, 0, type_code, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+
+
+def _images(root: Path) -> bytes:
+    return (root / IMAGES).read_bytes()
+
+
+def _labels(root: Path) -> bytes:
+    return (root / LABELS).read_bytes()
+
+
+def _gzip_bad_crc(root: Path) -> None:
+    packed = bytearray(gzip.compress(_images(root)))
+    packed[-8] ^= 0xFF  # the CRC-32 of the trailer
+    (root / IMAGES).unlink()
+    (root / f"{IMAGES}.gz").write_bytes(bytes(packed))
+
+
+def _gzip_truncated(root: Path) -> None:
+    packed = gzip.compress(_images(root))
+    (root / IMAGES).unlink()
+    (root / f"{IMAGES}.gz").write_bytes(packed[: len(packed) // 2])
+
+
+def _fewer_images(root: Path) -> None:
+    # A consistent images file of 299 images beside the 300 labels.
+    (root / IMAGES).write_bytes(_header(0x08, 299, 28, 28) + _images(root)[16 : 16 + 299 * 784])
+
+
+def _label_out_of_range(root: Path) -> None:
+    raw = bytearray(_labels(root))
+    raw[8 + 5] = 12
+    (root / LABELS).write_bytes(bytes(raw))
+
+
+# (damage, the file the error must name, what it must say)
+IDX_DAMAGE = {
+    "truncated": (lambda r: (r / IMAGES).write_bytes(_images(r)[:1000]), IMAGES, "truncated"),
+    "empty": (lambda r: (r / IMAGES).write_bytes(b""), IMAGES, "empty file"),
+    "wrong-magic": (
+        lambda r: (r / IMAGES).write_bytes(b"\x01\x02" + _images(r)[2:]),
+        IMAGES,
+        "bad IDX magic",
+    ),
+    "unknown-type": (
+        lambda r: (r / IMAGES).write_bytes(b"\x00\x00\x07" + _images(r)[3:]),
+        IMAGES,
+        "unknown IDX element type 0x07",
+    ),
+    "images-1-dim": (
+        lambda r: (r / IMAGES).write_bytes(_header(0x08, 300 * 784) + _images(r)[16:]),
+        IMAGES,
+        "3 dimensions",
+    ),
+    "labels-3-dims": (
+        lambda r: (r / LABELS).write_bytes(_header(0x08, 300, 1, 1) + _labels(r)[8:]),
+        LABELS,
+        "1 dimension",
+    ),
+    "header-says-more": (
+        lambda r: (r / IMAGES).write_bytes(_header(0x08, 301, 28, 28) + _images(r)[16:]),
+        IMAGES,
+        "shape (301, 28, 28) needs",
+    ),
+    "header-says-less": (
+        lambda r: (r / IMAGES).write_bytes(_header(0x08, 300, 27, 28) + _images(r)[16:]),
+        IMAGES,
+        "trailing bytes",
+    ),
+    "counts-differ": (_fewer_images, LABELS, "300 labels for 299 images"),
+    "label-out-of-range": (_label_out_of_range, LABELS, "label 12"),
+    "gzip-bad-crc": (_gzip_bad_crc, f"{IMAGES}.gz", "corrupt or truncated gzip"),
+    "gzip-truncated": (_gzip_truncated, f"{IMAGES}.gz", "corrupt or truncated gzip"),
+    "not-gzip": (
+        lambda r: (r / IMAGES).rename(r / f"{IMAGES}.gz"),
+        f"{IMAGES}.gz",
+        "not gzip-compressed",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(IDX_DAMAGE))
+def test_broken_idx_files_are_one_line_naming_the_file(tmp_path, capsys, damage):
+    root = tmp_path / "fashion"
+    shutil.copytree(FASHION_IDX, root)
+    spoil, name, says = IDX_DAMAGE[damage]
+    spoil(root)
+    line = one_line_error(capsys, pretrain_argv(tmp_path / "run", f"data.root={root}"), 2)
+    assert line.startswith("wcl: data error: ") and str(root / name) in line and says in line
+    assert not (tmp_path / "run" / "last.pt").exists()

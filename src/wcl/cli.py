@@ -474,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     # Errors that describe a fixable problem get one clear line, not a traceback.
     from wcl import dist
     from wcl.checkpoint import CheckpointError
+    from wcl.data.errors import DataError
     from wcl.run import PREEMPTED_EXIT_CODE, Preempted
 
     try:
@@ -484,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except ConfigError as err:
         print(f"wcl: config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # a damaged data set: bad input, as a bad config is
+        print(f"wcl: data error: {err}", file=sys.stderr)
         return 2
     except Preempted as err:
         print(f"wcl: {err}", file=sys.stderr)
