@@ -4,6 +4,7 @@ or input, 1: a file wcl cannot use), never a traceback, and before work is waste
 
 import gzip
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from evalkit import (
     tiny_checkpoint,
 )
 
+import wcl.train
 from wcl import dist
 from wcl.cli import main
 from wcl.config import ConfigError
@@ -52,11 +54,15 @@ def eval_argv(command: str, config: str, checkpoint: Path, out: Path, *overrides
 
 
 def one_line_error(capsys: pytest.CaptureFixture, argv: list, status: int) -> str:
-    """Run ``wcl argv``; assert its exit status and that stderr is one ``wcl: ...`` line."""
-    assert main([str(a) for a in argv]) == status
+    """Run ``wcl argv``; assert its exit status and that stderr is one ``wcl: ...`` line
+    (a warning would be printed there too, so none may be raised)."""
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        assert main([str(a) for a in argv]) == status
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("wcl: "), err
+    assert not raised, [str(w.message) for w in raised]
     return lines[0]
 
 
@@ -181,3 +187,56 @@ def test_broken_idx_files_are_one_line_naming_the_file(tmp_path, capsys, damage)
     line = one_line_error(capsys, pretrain_argv(tmp_path / "run", f"data.root={root}"), 2)
     assert line.startswith("wcl: data error: ") and str(root / name) in line and says in line
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# 3. An image folder whose every file is broken
+
+
+def _broken_folder(root: Path) -> Path:
+    """root/{train,val}/{a,b}/ holding files that are no images."""
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(3):
+                (root / split / label / f"{i}.png").write_bytes(b"no image here " * 8)
+    return root
+
+
+def test_a_folder_of_broken_files_is_one_line_everywhere(tmp_path, capsys):
+    root = _broken_folder(tmp_path / "images")
+    folder = ["data.dataset=folder", f"data.root={root}"]
+    argv = pretrain_argv(
+        tmp_path / "run", *folder, "data.channels=3", "data.augment=loader",
+        "data.image_size=16", "train.batch_size=4",
+    )  # fmt: skip
+    line = one_line_error(capsys, argv, 2)
+    assert line.startswith("wcl: data error: no readable image in ") and str(root / "train") in line
+    ckpt = tiny_checkpoint(tmp_path / "rgb.pt", in_channels=3)
+    for argv in (
+        eval_argv("knn-eval", "knn-small", ckpt, tmp_path / "k", *folder, "knn.k=2"),
+        [*eval_argv("linear-eval", "linear-small", ckpt, tmp_path / "l", *folder), "--fast"],
+        eval_argv("linear-eval", "linear-small", ckpt, tmp_path / "p", *folder),
+        eval_argv("finetune", "finetune-small", ckpt, tmp_path / "f", *folder),
+        ["embed", "--checkpoint", ckpt, "--images", root, "--out", tmp_path / "e"],
+    ):
+        line = one_line_error(capsys, argv, 2)
+        assert "no readable image in" in line and str(root) in line, argv
+    assert not (tmp_path / "e.npy").exists()
+
+
+def test_an_error_from_a_loader_worker_is_one_line(tmp_path, capsys, monkeypatch):
+    """A DataLoader worker's error comes back with the worker's traceback as its message
+    (torch re-raises it so); the CLI prints only the error."""
+    from torch._utils import ExceptionWrapper
+
+    from wcl.data import NoReadableImageError
+
+    def pretrain(cfg, resume=None):
+        try:
+            raise NoReadableImageError("none of the 4 images of a batch could be decoded")
+        except NoReadableImageError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    monkeypatch.setattr(wcl.train, "pretrain", pretrain)
+    line = one_line_error(capsys, pretrain_argv(tmp_path / "run", f"data.root={FASHION_IDX}"), 2)
+    assert line == "wcl: data error: none of the 4 images of a batch could be decoded"

@@ -44,6 +44,16 @@ class _HelpFormatter(argparse.HelpFormatter):
 _SET_EXAMPLES = {"linear": "linear.epochs=10", "knn": "knn.k=20", "finetune": "finetune.epochs=10"}
 
 
+def _one_line(err: BaseException) -> str:
+    """An error's message as one line. An error raised in a DataLoader worker arrives
+    re-raised with the worker's whole traceback as its message; its last line is the error
+    ("module.ErrorName: message"), the rest is noise to a user."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def _user_errors(run: Callable[[], int]) -> int:
     """Run a subcommand; a bad file or a missing package is one line on stderr, exit 1."""
     from wcl.checkpoint import CheckpointError
@@ -52,7 +62,7 @@ def _user_errors(run: Callable[[], int]) -> int:
     try:
         return run()
     except (CheckpointError, FileNotFoundError, OnnxUnavailableError) as err:
-        print(f"wcl: error: {err}", file=sys.stderr)
+        print(f"wcl: error: {_one_line(err)}", file=sys.stderr)
         return 1
 
 
@@ -484,19 +494,19 @@ def main(argv: list[str] | None = None) -> int:
         dist.shutdown()
         return status
     except ConfigError as err:
-        print(f"wcl: config error: {err}", file=sys.stderr)
+        print(f"wcl: config error: {_one_line(err)}", file=sys.stderr)
         return 2
     except DataError as err:  # a damaged data set: bad input, as a bad config is
-        print(f"wcl: data error: {err}", file=sys.stderr)
+        print(f"wcl: data error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Preempted as err:
-        print(f"wcl: {err}", file=sys.stderr)
+        print(f"wcl: {_one_line(err)}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except (CheckpointError, FloatingPointError) as err:
-        print(f"wcl: {err}", file=sys.stderr)
+        print(f"wcl: {_one_line(err)}", file=sys.stderr)
         return 1
     except OSError as err:
-        print(f"wcl: {err}", file=sys.stderr)
+        print(f"wcl: {_one_line(err)}", file=sys.stderr)
         return 1
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wcl.data import BROKEN, ImageFolderDataset, read_skip_log
+from wcl.data import BROKEN, ImageFolderDataset, first_readable, read_skip_log
 from wcl.eval.common import resolve_device
 from wcl.eval.features import extract_features
 from wcl.preprocess import preprocessing
@@ -82,6 +82,7 @@ def embed_images(
     log = skipped_path(out)
     log.unlink(missing_ok=True)
     dataset = ImageFolderDataset(images, channels=spec.in_channels, skip_log=log, substitute=False)
+    first_readable(dataset)  # a folder of broken files: NoReadableImageError naming it
     module = loaded.module.to(dev)
     feats, targets = extract_features(
         module,
