@@ -240,3 +240,22 @@ def test_an_error_from_a_loader_worker_is_one_line(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(wcl.train, "pretrain", pretrain)
     line = one_line_error(capsys, pretrain_argv(tmp_path / "run", f"data.root={FASHION_IDX}"), 2)
     assert line == "wcl: data error: none of the 4 images of a batch could be decoded"
+
+
+# 4. Seeds torch cannot take (or would fold onto another seed)
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**63, -1])
+def test_seeds_outside_0_to_2_63_are_config_errors(tmp_path, capsys, seed):
+    argv = pretrain_argv(tmp_path / "run", f"data.root={FASHION_IDX}", f"train.seed={seed}")
+    line = one_line_error(capsys, argv, 2)
+    assert f"config key 'train.seed' must be in [0, 2**63), got {seed}" in line
+    assert not (tmp_path / "run").exists()
+    ckpt = tiny_checkpoint(tmp_path / "pre.pt")
+    for command, config, key in (
+        ("knn-eval", "knn-small", "run.seed"),
+        ("finetune", "finetune-small", "run.seed"),
+        ("finetune", "finetune-small", "finetune.subset_seed"),
+    ):
+        argv = eval_argv(command, config, ckpt, tmp_path / "e", f"{key}={seed}")
+        assert f"'{key}' must be in [0, 2**63), got {seed}" in one_line_error(capsys, argv, 2)
