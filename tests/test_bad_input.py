@@ -7,6 +7,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from evalkit import (
@@ -259,3 +260,36 @@ def test_seeds_outside_0_to_2_63_are_config_errors(tmp_path, capsys, seed):
     ):
         argv = eval_argv(command, config, ckpt, tmp_path / "e", f"{key}={seed}")
         assert f"'{key}' must be in [0, 2**63), got {seed}" in one_line_error(capsys, argv, 2)
+
+
+# 5. A binary file (or broken YAML) as --config
+
+NOT_TEXT = {
+    "random-bytes": np.random.default_rng(0).bytes(512),
+    "png": (PHOTOS / "astronaut.png").read_bytes()[:4096],
+    "nul-bytes": b"data:\n  root: x\x00\x00\x00\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_TEXT))
+def test_a_binary_config_file_is_one_line(tmp_path, capsys, kind):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(NOT_TEXT[kind])
+    line = one_line_error(capsys, ["pretrain", "--config", path], 2)
+    assert f"config file '{path}' is not a text YAML file" in line
+    ckpt = tiny_checkpoint(tmp_path / "pre.pt")
+    line = one_line_error(capsys, ["knn-eval", "--config", path, "--checkpoint", ckpt], 2)
+    assert f"config file '{path}' is not a text YAML file" in line
+
+
+def test_broken_yaml_is_one_line_with_its_place(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  root: [1, 2\ntrain:\n  epochs: 1\n")
+    line = one_line_error(capsys, ["pretrain", "--config", path], 2)
+    assert f"config file '{path}' is not valid YAML: line " in line
+    line = one_line_error(
+        capsys, ["pretrain", "--config", path.with_name("x"), "--set", "a.b=[1"], 2
+    )
+    assert "not found" in line  # the file comes first
+    line = one_line_error(capsys, pretrain_argv(tmp_path / "r", "train.epochs=[1"), 2)
+    assert "override 'train.epochs=[1': value is not valid YAML: line 1" in line
