@@ -293,3 +293,32 @@ def test_broken_yaml_is_one_line_with_its_place(tmp_path, capsys):
     assert "not found" in line  # the file comes first
     line = one_line_error(capsys, pretrain_argv(tmp_path / "r", "train.epochs=[1"), 2)
     assert "override 'train.epochs=[1': value is not valid YAML: line 1" in line
+
+
+# 6. Models too large to build, and running out of memory anyway
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("model.width", 100_000), ("model.hidden_dim", 10**7), ("model.out_dim", 10**6)],
+)
+def test_absurd_model_sizes_are_config_errors(tmp_path, capsys, key, value):
+    argv = pretrain_argv(tmp_path / "run", f"data.root={FASHION_IDX}", f"{key}={value}")
+    line = one_line_error(capsys, argv, 2)
+    assert f"config key '{key}' must be at most" in line and str(value) in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, capsys, monkeypatch, where):
+    def build_model(cfg):
+        if where == "cpu":  # a real allocation failure: 2**60 bytes
+            torch.empty(2**60, dtype=torch.uint8)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB.")
+
+    monkeypatch.setattr(wcl.train, "build_model", build_model)
+    argv = pretrain_argv(tmp_path / "run", f"data.root={FASHION_IDX}")
+    line = one_line_error(capsys, argv, 1)
+    assert line.startswith("wcl: out of memory (")
+    assert line.endswith("lower train.batch_size or model.width")
+    assert ("can't allocate memory" if where == "cpu" else "Tried to allocate 64.00 GiB") in line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 
@@ -52,6 +53,28 @@ def _one_line(err: BaseException) -> str:
     if "\nOriginal Traceback" in text:
         text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+# What to lower when a command runs out of memory.
+_MEMORY_HINTS = {
+    "pretrain": "lower train.batch_size or model.width",
+    "demo": "lower train.batch_size or model.width",
+    "linear-eval": "lower linear.batch_size or run.eval_batch_size",
+    "knn-eval": "lower run.eval_batch_size or knn.chunk",
+    "finetune": "lower finetune.batch_size or run.eval_batch_size",
+    "embed": "lower --batch-size",
+}
+
+
+def _out_of_memory(err: BaseException) -> str | None:
+    """The gist of an out-of-memory error (torch's first two sentences), or None for any
+    other error. torch says "CUDA out of memory" on GPUs (torch.OutOfMemoryError) and
+    "can't allocate memory" in a plain RuntimeError on the CPU."""
+    text = " ".join(str(err).split())
+    if not (isinstance(err, MemoryError) or "out of memory" in text or "allocate memory" in text):
+        return None
+    text = re.sub(r"^\[enforce fail at [^\]]*\] [^.]*\. ", "", text)  # c10's source location
+    return ". ".join(text.split(". ")[:2]).rstrip(".") or type(err).__name__
 
 
 def _user_errors(run: Callable[[], int]) -> int:
@@ -507,6 +530,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as err:
         print(f"wcl: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as err:
+        gist = _out_of_memory(err)
+        if gist is None:
+            raise
+        hint = _MEMORY_HINTS.get(args.command, "free memory or use a larger machine")
+        print(f"wcl: out of memory ({gist}): {hint}", file=sys.stderr)
         return 1
 
 

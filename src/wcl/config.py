@@ -187,6 +187,12 @@ POSITIVE = [
     "data.jitter",
     "data.small_size",
 ]
+# Upper bounds that catch a slip (an extra zero) before it fails as out of memory while the
+# model is built. Width: 16x torchvision's 64, where the widest published contrastive
+# ResNets are 4x (SimCLR's ResNet-50 (4x), width 256) and a ResNet-50 of width 1024 holds
+# 6.5e9 parameters. Heads: DINO's 65536-way output is the largest in common use; the
+# release's heads are 4096/256.
+AT_MOST = {"model.width": 1024, "model.hidden_dim": 65536, "model.out_dim": 65536}
 NON_NEGATIVE = [
     "data.workers",
     "train.knn_every",
@@ -318,6 +324,9 @@ def validate(cfg: Config) -> None:
     for key in POSITIVE:
         if flat[key] is not None and flat[key] <= 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {flat[key]!r}")
+    for key, limit in AT_MOST.items():
+        if flat[key] > limit:
+            raise ConfigError(f"config key {key!r} must be at most {limit}, got {flat[key]!r}")
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {flat[key]!r}")
