@@ -322,3 +322,31 @@ def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, capsys, monkeypa
     assert line.startswith("wcl: out of memory (")
     assert line.endswith("lower train.batch_size or model.width")
     assert ("can't allocate memory" if where == "cpu" else "Tried to allocate 64.00 GiB") in line
+
+
+# 7. Weights of the wrong shape
+
+
+def _backbone_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from wcl.weights import load_backbone
+
+    return {k: v.contiguous() for k, v in load_backbone(checkpoint).module.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"), [("conv1.weight", (16, 1, 3, 3)), ("layer1.0.conv1.weight", (8, 8, 5, 5))]
+)
+def test_a_layer_of_the_wrong_shape_is_a_checkpoint_error(tmp_path, capsys, key, shape):
+    from safetensors.torch import save_file
+
+    tensors = _backbone_tensors(tiny_checkpoint(tmp_path / "pre.pt"))
+    tensors[key] = torch.zeros(shape)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, bad)
+    for argv in (
+        eval_argv("finetune", "finetune-small", bad, tmp_path / "f", f"data.root={FASHION_IDX}"),
+        ["export", bad, tmp_path / "out"],
+    ):
+        line = one_line_error(capsys, argv, 1)
+        assert str(bad) in line and key in line and "shape" in line, argv
+    assert not (tmp_path / "out").exists()

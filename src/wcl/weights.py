@@ -206,6 +206,7 @@ def load_backbone(path: str | os.PathLike, strict: bool = True) -> LoadedBackbon
     if stem in STEMS and (stem == "imagenet") == (spec.stem == "imagenet"):
         spec = replace(spec, stem=stem)
     module = spec.build()
+    _check_shapes(path, state, module.state_dict(), spec)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise CheckpointError(
@@ -213,6 +214,29 @@ def load_backbone(path: str | os.PathLike, strict: bool = True) -> LoadedBackbon
             f"{spec.width}): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return LoadedBackbone(module, spec, source, config)
+
+
+def _check_shapes(
+    path: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    spec: BackboneSpec,
+) -> None:
+    """CheckpointError naming the tensors of ``state`` whose shapes do not fit the backbone
+    ``spec`` read off ``conv1.weight`` (load_state_dict would stop with a RuntimeError
+    listing all of them)."""
+    wrong = [
+        f"{key!r} {tuple(tensor.shape)} where {tuple(expected[key].shape)} fits"
+        for key, tensor in state.items()
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape)
+    ]
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise CheckpointError(
+            f"{path}: backbone weights do not fit together: a {spec.name} ({spec.stem} stem, "
+            f"width {spec.width}, as 'conv1.weight' {tuple(state['conv1.weight'].shape)} "
+            f"says) needs other shapes for {len(wrong)} tensors: {', '.join(wrong[:3])}{more}"
+        )
 
 
 def _sidecar_config(path: str | os.PathLike) -> dict[str, Any] | None:
