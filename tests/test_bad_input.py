@@ -3,6 +3,8 @@ on stderr naming the file, key or value, and the documented exit status (2: a ba
 or input, 1: a file wcl cannot use), never a traceback, and before work is wasted."""
 
 import gzip
+import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -350,3 +352,58 @@ def test_a_layer_of_the_wrong_shape_is_a_checkpoint_error(tmp_path, capsys, key,
         line = one_line_error(capsys, argv, 1)
         assert str(bad) in line and key in line and "shape" in line, argv
     assert not (tmp_path / "out").exists()
+
+
+# 8. Files that need pickle code to load
+
+
+class SystemCall:
+    """Pickles to ``os.system(command)``: any pickle load runs the command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _write_pickle_payload(path: Path, marker: Path, how: str) -> None:
+    payload = {
+        "model": {"conv1.weight": torch.zeros(8, 1, 3, 3)},
+        "x": SystemCall(f"touch {marker}"),
+    }
+    if how.startswith("raw-pickle-"):
+        path.write_bytes(pickle.dumps(SystemCall(f"touch {marker}"), protocol=int(how[-1])))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=how == "torch-zip")
+
+
+@pytest.mark.parametrize(
+    "how", ["raw-pickle-2", "raw-pickle-4", "raw-pickle-5", "torch-zip", "torch-legacy"]
+)
+def test_pickle_code_is_refused_without_advice_to_run_it(tmp_path, capsys, how):
+    marker, path = tmp_path / "marker", tmp_path / "evil.pt"
+    _write_pickle_payload(path, marker, how)
+    for argv in (
+        ["export", path, tmp_path / "out"],
+        eval_argv("knn-eval", "knn-small", path, tmp_path / "k", f"data.root={FASHION_IDX}"),
+    ):
+        line = one_line_error(capsys, argv, 1)
+        assert f"checkpoint {path} refused: it needs pickle code to load" in line
+        assert "(posix.system)" in line or "(nt.system)" in line
+        assert "wcl never runs code from a file" in line
+        assert "weights_only" not in line
+    assert not marker.exists()
+    # Positive control: the payload is live.
+    if how.startswith("raw-pickle-"):
+        pickle.loads(path.read_bytes())
+    else:
+        torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_a_pickle_torch_cannot_parse_gets_no_advice_either(tmp_path, capsys):
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"epoch": 3}, protocol=4))  # no code, but no torch file
+    line = one_line_error(capsys, ["export", path, tmp_path / "out"], 1)
+    assert str(path) in line and "weights_only" not in line
