@@ -407,3 +407,29 @@ def test_a_pickle_torch_cannot_parse_gets_no_advice_either(tmp_path, capsys):
     path.write_bytes(pickle.dumps({"epoch": 3}, protocol=4))  # no code, but no torch file
     line = one_line_error(capsys, ["export", path, tmp_path / "out"], 1)
     assert str(path) in line and "weights_only" not in line
+
+
+# 9. Weights holding NaN or Inf
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, capsys, value):
+    state = torch.load(tiny_checkpoint(tmp_path / "pre.pt"), weights_only=True)
+    key = "backbone.layer2.0.bn1.running_var"
+    state["model"][key][3] = value
+    bad = tmp_path / "diverged.pt"
+    torch.save(state, bad)
+    small_knn = [
+        f"data.root={FASHION_IDX}",
+        "knn.k=5",
+        "data.train_subset=64",
+        "data.test_subset=16",
+    ]
+    for argv in (
+        ["export", bad, tmp_path / "out"],
+        ["embed", "--checkpoint", bad, "--images", PHOTOS, "--out", tmp_path / "e"],
+        eval_argv("knn-eval", "knn-small", bad, tmp_path / "k", *small_knn),
+    ):
+        line = one_line_error(capsys, argv, 1)
+        assert str(bad) in line and "'layer2.0.bn1.running_var'" in line and "NaN or Inf" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "k").exists()

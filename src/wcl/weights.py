@@ -192,7 +192,8 @@ def load_backbone(path: str | os.PathLike, strict: bool = True) -> LoadedBackbon
     """Build the backbone stored in ``path`` (any source listed in this module) on the CPU.
 
     The module is returned in train mode, as ``nn.Module`` construction leaves it; callers
-    that evaluate call ``.eval()``. With ``strict`` every backbone key must match.
+    that evaluate call ``.eval()``. With ``strict`` every backbone key must match. Tensors
+    of the wrong shape, or holding NaN or Inf, are a CheckpointError naming the file and key.
     """
     obj = read_weights(path)
     state, source = backbone_state(obj)
@@ -207,6 +208,7 @@ def load_backbone(path: str | os.PathLike, strict: bool = True) -> LoadedBackbon
         spec = replace(spec, stem=stem)
     module = spec.build()
     _check_shapes(path, state, module.state_dict(), spec)
+    _check_finite(path, state)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise CheckpointError(
@@ -237,6 +239,20 @@ def _check_shapes(
             f"width {spec.width}, as 'conv1.weight' {tuple(state['conv1.weight'].shape)} "
             f"says) needs other shapes for {len(wrong)} tensors: {', '.join(wrong[:3])}{more}"
         )
+
+
+def _check_finite(path: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> None:
+    """CheckpointError naming the first backbone tensor holding NaN or Inf: the weights of a
+    diverged or damaged run would score, embed and export as if they were fine. One pass
+    over the weights, cheap beside any evaluation."""
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{path}: backbone tensor {key!r} holds NaN or Inf ({bad} of "
+                    f"{tensor.numel()} values); weights of a diverged or damaged run are refused"
+                )
 
 
 def _sidecar_config(path: str | os.PathLike) -> dict[str, Any] | None:
