@@ -170,7 +170,7 @@ IDX_DAMAGE = {
         "trailing bytes",
     ),
     "counts-differ": (_fewer_images, LABELS, "300 labels for 299 images"),
-    "label-out-of-range": (_label_out_of_range, LABELS, "label 12"),
+    "label-out-of-range": (_label_out_of_range, LABELS, "outside 0..9, the first 12 (image 5)"),
     "gzip-bad-crc": (_gzip_bad_crc, f"{IMAGES}.gz", "corrupt or truncated gzip"),
     "gzip-truncated": (_gzip_truncated, f"{IMAGES}.gz", "corrupt or truncated gzip"),
     "not-gzip": (

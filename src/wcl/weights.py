@@ -237,7 +237,8 @@ def _check_shapes(
         raise CheckpointError(
             f"{path}: backbone weights do not fit together: a {spec.name} ({spec.stem} stem, "
             f"width {spec.width}, as 'conv1.weight' {tuple(state['conv1.weight'].shape)} "
-            f"says) needs other shapes for {len(wrong)} tensors: {', '.join(wrong[:3])}{more}"
+            f"says) needs other shapes for {len(wrong)} tensor{'s' if len(wrong) > 1 else ''}: "
+            f"{', '.join(wrong[:3])}{more}"
         )
 
 

@@ -233,8 +233,8 @@ def load_fashion_mnist(
     if outside.size:
         first = int(outside[0])
         raise DataError(
-            f"{labels_path}: label {int(labels[first])} (image {first}; {outside.size} such) is "
-            f"outside 0..{len(FASHION_MNIST_CLASSES) - 1}"
+            f"{labels_path}: {outside.size} of {len(labels)} labels are outside "
+            f"0..{len(FASHION_MNIST_CLASSES) - 1}, the first {int(labels[first])} (image {first})"
         )
     return TensorImageDataset(
         torch.from_numpy(images).unsqueeze(1),
