@@ -12,11 +12,13 @@ import contextlib
 import errno
 import os
 import pickle
+import pickletools
 import random
 import re
 import shutil
 import tempfile
 import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -185,20 +187,79 @@ _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 _REFUSED_OTHER = re.compile(
     r"(unrecognized function \S+|Can only create new object .*?got \S+|Can only build .*?got \S+)"
 )
+# torch's legacy format is five pickles (magic number, protocol, system info, the object,
+# the storage keys) before raw storage bytes; a raw pickle is one.
+_LEGACY_PICKLES = 5
 
 
-def _refusal_detail(path: Path, message: str) -> str | None:
-    """What weights_only refused to load (e.g. 'builtins.getattr'), or None if not a refusal."""
-    match = _REFUSED_GLOBAL.search(message) or _REFUSED_OTHER.search(message)
-    if match is None:
-        return None
+def _allowed_globals() -> set[str]:
+    """The globals torch.load(weights_only=True) accepts (a private list of torch's; without
+    it every global found is reported)."""
     try:
-        # Lists every offending global (zip-format files only), which names the payload
-        # better than the first refusal does.
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        from torch import _weights_only_unpickler
+
+        return set(_weights_only_unpickler._get_allowed_globals())
     except Exception:
-        names = []
-    return ", ".join(sorted(names)) if names else match.group(1)
+        return set()
+
+
+def _globals_in_pickles(path: Path) -> set[str]:
+    """Every global (``module.name``) the pickles at the start of a file that is not a zip
+    ask for, found by disassembling them: :mod:`pickletools` runs nothing. torch's own
+    scanner reads zip files only, and only pickle protocol 2."""
+    names: set[str] = set()
+    with open(path, "rb") as f:
+        for _ in range(_LEGACY_PICKLES):
+            pushed: list[str | None] = []  # what each opcode pushed (strings only)
+            memo: dict[int, str | None] = {}
+            try:
+                for opcode, arg, _ in pickletools.genops(f):
+                    name = opcode.name
+                    if name in ("GLOBAL", "INST"):
+                        names.add(str(arg).replace(" ", ".", 1))
+                    elif name == "STACK_GLOBAL" and len(pushed) >= 2 and None not in pushed[-2:]:
+                        names.add(f"{pushed[-2]}.{pushed[-1]}")
+                    if name == "MEMOIZE":
+                        memo[len(memo)] = pushed[-1] if pushed else None
+                    elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[int(arg)] = pushed[-1] if pushed else None
+                    elif name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed.append(memo.get(int(arg)))
+                    else:
+                        text = "STRING" in name or "UNICODE" in name
+                        pushed.append(arg if text and isinstance(arg, str) else None)
+            except Exception:  # the end of the file, or bytes that are no pickle
+                break
+    return names
+
+
+def _pickle_code(path: Path, message: str) -> str | None:
+    """What code a file refused by weights_only asks for (e.g. 'posix.system'), or None
+    when the refusal was not about code."""
+    try:
+        if zipfile.is_zipfile(path):
+            names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        else:
+            names = _globals_in_pickles(path) - _allowed_globals()
+    except Exception:
+        names = set()
+    if names:
+        return ", ".join(sorted(names))
+    match = _REFUSED_GLOBAL.search(message) or _REFUSED_OTHER.search(message)
+    return match.group(1) if match else None
+
+
+def _torch_reason(message: str) -> str:
+    """torch's reason for not loading a file, on one line, without its advice: that advice
+    is to load the file with weights_only=False, that is, to run any code it holds."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in message.splitlines()]
+    kept = [
+        line
+        for line in lines
+        if line and "weights_only" not in line and not line.startswith(boilerplate)
+    ]
+    return " ".join(kept).replace("WeightsUnpickler error: ", "") or "torch could not read it"
 
 
 def load_checkpoint(
@@ -210,7 +271,8 @@ def load_checkpoint(
     """Load a checkpoint dict with ``torch.load(weights_only=True)``.
 
     Raises ``CheckpointError`` (naming the file) if it is missing, truncated or corrupt,
-    contains pickled objects that would run code, is not a dict, is not a wcl checkpoint
+    needs pickle code to load (named, never run; the message never suggests running it), is
+    not a dict, is not a wcl checkpoint
     (unless ``allow_foreign``, which returns any dict as is), or has a newer format version.
     The returned dict keeps the ``format`` / ``format_version`` tags.
     """
@@ -220,20 +282,27 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a regular file")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A pickle of protocol > 2 (not torch.save's) is refused or read all the same;
+            # torch's warning about it would only be a second message.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = _refusal_detail(path, str(err))
-        if detail is not None:
+        code = _pickle_code(path, str(err))
+        if code is not None:
             raise CheckpointError(
-                f"checkpoint {path} refused: the file contains a pickled object ({detail}) "
-                "that would execute code on load; it was not loaded"
+                f"checkpoint {path} refused: it needs pickle code to load ({code}); wcl never "
+                "runs code from a file, so it was not loaded"
             ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {err}") from err
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt, truncated or no file torch.save wrote: "
+            f"{_torch_reason(str(err))}"
+        ) from None
     except Exception as err:
         # Damaged bytes surface as whatever the parser trips over first (RuntimeError from the
         # zip reader, EOFError, IndexError, struct.error, ... from the unpickler).
         raise CheckpointError(
-            f"checkpoint {path} is corrupt, truncated or unreadable: {err}"
+            f"checkpoint {path} is corrupt, truncated or unreadable: {_torch_reason(str(err))}"
         ) from err
 
     if not isinstance(obj, dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 
@@ -44,6 +45,38 @@ class _HelpFormatter(argparse.HelpFormatter):
 _SET_EXAMPLES = {"linear": "linear.epochs=10", "knn": "knn.k=20", "finetune": "finetune.epochs=10"}
 
 
+def _one_line(err: BaseException) -> str:
+    """An error's message as one line. An error raised in a DataLoader worker arrives
+    re-raised with the worker's whole traceback as its message; its last line is the error
+    ("module.ErrorName: message"), the rest is noise to a user."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+# What to lower when a command runs out of memory.
+_MEMORY_HINTS = {
+    "pretrain": "lower train.batch_size or model.width",
+    "demo": "lower train.batch_size or model.width",
+    "linear-eval": "lower linear.batch_size or run.eval_batch_size",
+    "knn-eval": "lower run.eval_batch_size or knn.chunk",
+    "finetune": "lower finetune.batch_size or run.eval_batch_size",
+    "embed": "lower --batch-size",
+}
+
+
+def _out_of_memory(err: BaseException) -> str | None:
+    """The gist of an out-of-memory error (torch's first two sentences), or None for any
+    other error. torch says "CUDA out of memory" on GPUs (torch.OutOfMemoryError) and
+    "can't allocate memory" in a plain RuntimeError on the CPU."""
+    text = " ".join(str(err).split())
+    if not (isinstance(err, MemoryError) or "out of memory" in text or "allocate memory" in text):
+        return None
+    text = re.sub(r"^\[enforce fail at [^\]]*\] [^.]*\. ", "", text)  # c10's source location
+    return ". ".join(text.split(". ")[:2]).rstrip(".") or type(err).__name__
+
+
 def _user_errors(run: Callable[[], int]) -> int:
     """Run a subcommand; a bad file or a missing package is one line on stderr, exit 1."""
     from wcl.checkpoint import CheckpointError
@@ -52,7 +85,7 @@ def _user_errors(run: Callable[[], int]) -> int:
     try:
         return run()
     except (CheckpointError, FileNotFoundError, OnnxUnavailableError) as err:
-        print(f"wcl: error: {err}", file=sys.stderr)
+        print(f"wcl: error: {_one_line(err)}", file=sys.stderr)
         return 1
 
 
@@ -474,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     # Errors that describe a fixable problem get one clear line, not a traceback.
     from wcl import dist
     from wcl.checkpoint import CheckpointError
+    from wcl.data.errors import DataError
     from wcl.run import PREEMPTED_EXIT_CODE, Preempted
 
     try:
@@ -483,16 +517,26 @@ def main(argv: list[str] | None = None) -> int:
         dist.shutdown()
         return status
     except ConfigError as err:
-        print(f"wcl: config error: {err}", file=sys.stderr)
+        print(f"wcl: config error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except DataError as err:  # a damaged data set: bad input, as a bad config is
+        print(f"wcl: data error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Preempted as err:
-        print(f"wcl: {err}", file=sys.stderr)
+        print(f"wcl: {_one_line(err)}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except (CheckpointError, FloatingPointError) as err:
-        print(f"wcl: {err}", file=sys.stderr)
+        print(f"wcl: {_one_line(err)}", file=sys.stderr)
         return 1
     except OSError as err:
-        print(f"wcl: {err}", file=sys.stderr)
+        print(f"wcl: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as err:
+        gist = _out_of_memory(err)
+        if gist is None:
+            raise
+        hint = _MEMORY_HINTS.get(args.command, "free memory or use a larger machine")
+        print(f"wcl: out of memory ({gist}): {hint}", file=sys.stderr)
         return 1
 
 

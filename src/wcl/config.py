@@ -47,6 +47,7 @@ __all__ = [
     "config_changes",
     "flatten",
     "check_choices",
+    "check_seeds",
     "small_crop_size",
     "AMP_CHOICES",
 ]
@@ -186,6 +187,12 @@ POSITIVE = [
     "data.jitter",
     "data.small_size",
 ]
+# Upper bounds that catch a slip (an extra zero) before it fails as out of memory while the
+# model is built. Width: 16x torchvision's 64, where the widest published contrastive
+# ResNets are 4x (SimCLR's ResNet-50 (4x), width 256) and a ResNet-50 of width 1024 holds
+# 6.5e9 parameters. Heads: DINO's 65536-way output is the largest in common use; the
+# release's heads are 4096/256.
+AT_MOST = {"model.width": 1024, "model.hidden_dim": 65536, "model.out_dim": 65536}
 NON_NEGATIVE = [
     "data.workers",
     "train.knn_every",
@@ -296,13 +303,30 @@ def check_choices(flat: dict[str, Any], choices: dict[str, Collection[str]]) -> 
             )
 
 
+# torch.manual_seed takes [-2**63, 2**64) but folds a negative seed onto 2**64 + seed (-1
+# would repeat the run of 2**64 - 1), and the samplers seed with seed + epoch: [0, 2**63)
+# keeps every seed its own run, an int64 wherever it is stored, with room for the epoch.
+SEED_LIMIT = 2**63
+
+
+def check_seeds(flat: dict[str, Any], keys: Collection[str]) -> None:
+    """ConfigError naming the first of ``keys`` in ``flat`` that is no seed in [0, 2**63)."""
+    for key in keys:
+        if key in flat and not 0 <= flat[key] < SEED_LIMIT:
+            raise ConfigError(f"config key {key!r} must be in [0, 2**63), got {flat[key]!r}")
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks, and the combinations that cannot work."""
     flat = flatten(cfg.to_dict())
     check_choices(flat, CHOICES)
+    check_seeds(flat, ["train.seed"])
     for key in POSITIVE:
         if flat[key] is not None and flat[key] <= 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {flat[key]!r}")
+    for key, limit in AT_MOST.items():
+        if flat[key] > limit:
+            raise ConfigError(f"config key {key!r} must be at most {limit}, got {flat[key]!r}")
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {flat[key]!r}")

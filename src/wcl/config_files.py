@@ -109,13 +109,55 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # safe: a SafeLoader subclass
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line (PyYAML's spans several): where, what, and in what."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return " ".join(str(err).split())
+    mark, context = err.problem_mark, ""
+    if err.context:
+        start = err.context_mark
+        where = f" started on line {start.line + 1}, column {start.column + 1}" if start else ""
+        context = f" ({err.context}{where})"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}{context}"
+
+
+# Characters a YAML stream may not hold (PyYAML's reader refuses the rest): one of them, or
+# bytes that are no UTF-8, make a file binary, whatever its name says.
+_NOT_YAML_TEXT = re.compile(
+    "[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
+)
+
+
+def _yaml_text(path: Path) -> str:
+    """The text of config file ``path``; a ConfigError naming the first offending byte when
+    it is not a text file (a model, an image or an archive given as ``--config``)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {str(path)!r} is not a text YAML file (byte 0x{data[err.start]:02x} "
+            f"at offset {err.start} is not UTF-8)"
+        ) from None
+    bad = _NOT_YAML_TEXT.search(text)
+    if bad is not None:
+        line = text.count("\n", 0, bad.start()) + 1
+        raise ConfigError(
+            f"config file {str(path)!r} is not a text YAML file (control character "
+            f"U+{ord(bad.group()):04X} on line {line})"
+        )
+    return text
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"config {str(path)!r}: 'base' chain loops back on itself")
     try:
-        raw = _load_yaml(path.read_text()) or {}
+        raw = _load_yaml(_yaml_text(path)) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}"
+        ) from err
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     base = raw.pop("base", None)
@@ -153,7 +195,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         try:
             value = _load_yaml(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+            raise ConfigError(
+                f"override {item!r}: value is not valid YAML: {_yaml_problem(err)}"
+            ) from err
         out.setdefault(parts[0], {})
         if not isinstance(out[parts[0]], dict):
             raise ConfigError(f"config section {parts[0]!r} must be a mapping")

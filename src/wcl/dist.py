@@ -19,10 +19,13 @@ import torch.distributed as tdist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
+from wcl.config_files import ConfigError
+
 __all__ = [
     "DistInfo",
     "first_host",
     "init_distributed",
+    "resolve_device",
     "is_distributed",
     "world_size",
     "rank",
@@ -82,20 +85,31 @@ def _slurm_to_torchrun_env() -> None:
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
 
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a ConfigError
+    naming the setting ``key`` it came from (``train.device``, ``run.device``, ...)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # device_count() as well: a GPU process takes device LOCAL_RANK modulo the count.
+    if name == "cuda" and not (torch.cuda.is_available() and torch.cuda.device_count() > 0):
+        raise ConfigError(f"{key!r} is cuda but no CUDA device is available; set it to auto or cpu")
+    return torch.device(name)
+
+
 def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
     """Join the process group described by the environment, or run as one process.
 
     ``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK; an ``srun`` task with SLURM_NTASKS > 1
-    is mapped to those. backend "auto" picks NCCL on CUDA and gloo on CPU.
+    is mapped to those. backend "auto" picks NCCL on CUDA and gloo on CPU. ``device``
+    is auto, cpu or cuda; callers check a configured one first with :func:`resolve_device`
+    (so that its error names their config key).
     """
     env = os.environ
     if "WORLD_SIZE" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         _slurm_to_torchrun_env()
     world = int(env.get("WORLD_SIZE", "1"))
     local_rank = int(env.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)

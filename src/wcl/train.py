@@ -212,7 +212,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> Path:
     start-up, before the first step), and :class:`wcl.lock.RunDirLocked` when another
     live run holds the run directory.
     """
-    info = dist.init_distributed(cfg.train.dist_backend, cfg.train.device)
+    device_type = dist.resolve_device(cfg.train.device, "train.device").type
+    info = dist.init_distributed(cfg.train.dist_backend, device_type)
     if cfg.train.batch_size % info.world_size:
         raise ConfigError(
             f"'train.batch_size' {cfg.train.batch_size} (global) is not divisible by the "

@@ -192,7 +192,8 @@ def load_backbone(path: str | os.PathLike, strict: bool = True) -> LoadedBackbon
     """Build the backbone stored in ``path`` (any source listed in this module) on the CPU.
 
     The module is returned in train mode, as ``nn.Module`` construction leaves it; callers
-    that evaluate call ``.eval()``. With ``strict`` every backbone key must match.
+    that evaluate call ``.eval()``. With ``strict`` every backbone key must match. Tensors
+    of the wrong shape, or holding NaN or Inf, are a CheckpointError naming the file and key.
     """
     obj = read_weights(path)
     state, source = backbone_state(obj)
@@ -206,6 +207,8 @@ def load_backbone(path: str | os.PathLike, strict: bool = True) -> LoadedBackbon
     if stem in STEMS and (stem == "imagenet") == (spec.stem == "imagenet"):
         spec = replace(spec, stem=stem)
     module = spec.build()
+    _check_shapes(path, state, module.state_dict(), spec)
+    _check_finite(path, state)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise CheckpointError(
@@ -213,6 +216,44 @@ def load_backbone(path: str | os.PathLike, strict: bool = True) -> LoadedBackbon
             f"{spec.width}): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return LoadedBackbone(module, spec, source, config)
+
+
+def _check_shapes(
+    path: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    spec: BackboneSpec,
+) -> None:
+    """CheckpointError naming the tensors of ``state`` whose shapes do not fit the backbone
+    ``spec`` read off ``conv1.weight`` (load_state_dict would stop with a RuntimeError
+    listing all of them)."""
+    wrong = [
+        f"{key!r} {tuple(tensor.shape)} where {tuple(expected[key].shape)} fits"
+        for key, tensor in state.items()
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape)
+    ]
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise CheckpointError(
+            f"{path}: backbone weights do not fit together: a {spec.name} ({spec.stem} stem, "
+            f"width {spec.width}, as 'conv1.weight' {tuple(state['conv1.weight'].shape)} "
+            f"says) needs other shapes for {len(wrong)} tensor{'s' if len(wrong) > 1 else ''}: "
+            f"{', '.join(wrong[:3])}{more}"
+        )
+
+
+def _check_finite(path: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> None:
+    """CheckpointError naming the first backbone tensor holding NaN or Inf: the weights of a
+    diverged or damaged run would score, embed and export as if they were fine. One pass
+    over the weights, cheap beside any evaluation."""
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{path}: backbone tensor {key!r} holds NaN or Inf ({bad} of "
+                    f"{tensor.numel()} values); weights of a diverged or damaged run are refused"
+                )
 
 
 def _sidecar_config(path: str | os.PathLike) -> dict[str, Any] | None:

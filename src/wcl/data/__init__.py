@@ -37,6 +37,7 @@ from wcl.data.decode import (
     decode_image,
     read_image,
 )
+from wcl.data.errors import DataError
 from wcl.data.folder import (
     BROKEN,
     IMAGE_EXTENSIONS,
@@ -65,6 +66,7 @@ __all__ = [
     "BrokenFile",
     "BrokenImageError",
     "BrokenImageWarning",
+    "DataError",
     "DataReport",
     "DecodedImage",
     "ImageFolderDataset",

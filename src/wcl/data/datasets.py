@@ -8,6 +8,7 @@ Image folders live in ``wcl.data.folder`` and decoding in ``wcl.data.decode``.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from wcl.data.errors import DataError
 from wcl.data.folder import ImageFolderDataset, split_dir
 
 __all__ = [
@@ -80,37 +82,49 @@ _GZIP_MAGIC = b"\x1f\x8b"
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into a native-endian array of its declared shape.
 
-    Gzip is detected from a ``.gz`` suffix or the gzip magic bytes. Raises ``ValueError``
-    naming the file when the header is malformed or the payload is truncated or too long.
+    Gzip is detected from a ``.gz`` suffix or the gzip magic bytes. Raises
+    :class:`~wcl.data.errors.DataError` (a ValueError) naming the file when it is empty, not
+    gzip though named ``.gz``, a corrupt gzip stream, or when the header is malformed or the
+    payload is truncated or too long.
     """
     path = Path(path)
     raw = path.read_bytes()
-    if path.suffix == ".gz" or raw[:2] == _GZIP_MAGIC:
+    if not raw:
+        raise DataError(f"{path}: empty file (0 bytes), not an IDX file")
+    if path.suffix == ".gz" and raw[:2] != _GZIP_MAGIC:
+        raise DataError(
+            f"{path}: named .gz but not gzip-compressed (starts with {raw[:4].hex()}, gzip "
+            f"with {_GZIP_MAGIC.hex()})"
+        )
+    if raw[:2] == _GZIP_MAGIC:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"{path}: corrupt or truncated gzip stream ({err})") from err
+            raise DataError(f"{path}: corrupt or truncated gzip data ({err})") from err
 
     if len(raw) < 4:
-        raise ValueError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
+        raise DataError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
     if raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: bad IDX magic {raw[:4].hex()} (must start with 0000)")
+        raise DataError(f"{path}: bad IDX magic {raw[:4].hex()} (must start with 0000)")
     type_code, ndim = raw[2], raw[3]
     if type_code not in _IDX_DTYPES:
-        raise ValueError(f"{path}: unknown IDX element type 0x{type_code:02x}")
+        known = ", ".join(f"0x{code:02x}" for code in _IDX_DTYPES)
+        raise DataError(f"{path}: unknown IDX element type 0x{type_code:02x} (known: {known})")
     if ndim == 0:
-        raise ValueError(f"{path}: IDX header declares 0 dimensions")
+        raise DataError(f"{path}: IDX header declares 0 dimensions")
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} < {header_len} bytes)")
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} < {header_len} bytes)")
 
     shape = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = header_len + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python ints: four header dimensions of up to 2**32 each overflow int64.
+    expected = header_len + math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         kind = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise ValueError(
-            f"{path}: IDX payload {kind}: shape {shape} needs {expected} bytes, file has {len(raw)}"
+        raise DataError(
+            f"{path}: IDX payload {kind}: header shape {shape} needs {expected} bytes, the "
+            f"data has {len(raw)}"
         )
     data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(shape)
     # astype copies, giving a writable native-endian array independent of `raw`.
@@ -163,6 +177,10 @@ def load_fashion_mnist(
 ) -> TensorImageDataset:
     """Fashion-MNIST from IDX files: images ``(N, 1, 28, 28)`` uint8, targets 0..9.
 
+    A damaged file (see :func:`read_idx`), images that are not ``(N, H, W)`` bytes, labels
+    that are not ``(N,)`` integers in 0..9 or counts that differ raise
+    :class:`~wcl.data.errors.DataError` naming the file.
+
     Looks in ``root`` (default ``/usr/share/datasets/fashion-mnist``) and in
     ``root/FashionMNIST/raw`` (torchvision's layout), accepting plain or ``.gz`` files.
     With ``download=True`` and the files missing, torchvision downloads them into ``root``.
@@ -191,15 +209,33 @@ def load_fashion_mnist(
 
     images = read_idx(images_path)
     labels = read_idx(labels_path)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{images_path}: expected uint8 (N, H, W) images, got {images.shape}")
-    if labels.shape != (images.shape[0],):
-        raise ValueError(
-            f"{labels_path}: {labels.shape[0] if labels.ndim else 0} labels for "
-            f"{images.shape[0]} images in {images_path}"
+    if images.ndim != 3:
+        raise DataError(
+            f"{images_path}: images need 3 dimensions (N, H, W); the IDX header declares "
+            f"{images.ndim}: {images.shape}"
         )
-    if labels.size and (labels.min() < 0 or labels.max() >= len(FASHION_MNIST_CLASSES)):
-        raise ValueError(f"{labels_path}: labels outside 0..{len(FASHION_MNIST_CLASSES) - 1}")
+    if images.dtype != np.uint8:
+        raise DataError(
+            f"{images_path}: images must be unsigned bytes (type 0x08), not {images.dtype}"
+        )
+    if labels.ndim != 1:
+        raise DataError(
+            f"{labels_path}: labels need 1 dimension (N,); the IDX header declares "
+            f"{labels.ndim}: {labels.shape}"
+        )
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{labels_path}: labels must be integers, not {labels.dtype}")
+    if len(labels) != len(images):
+        raise DataError(
+            f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}"
+        )
+    outside = np.flatnonzero((labels < 0) | (labels >= len(FASHION_MNIST_CLASSES)))
+    if outside.size:
+        first = int(outside[0])
+        raise DataError(
+            f"{labels_path}: {outside.size} of {len(labels)} labels are outside "
+            f"0..{len(FASHION_MNIST_CLASSES) - 1}, the first {int(labels[first])} (image {first})"
+        )
     return TensorImageDataset(
         torch.from_numpy(images).unsqueeze(1),
         torch.from_numpy(labels.astype(np.int64)),

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from wcl.data.decode import BrokenImageError, BrokenImageWarning, decode_image
+from wcl.data.errors import DataError
 
 __all__ = [
     "BROKEN",
@@ -40,8 +41,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 
 
-class NoReadableImageError(RuntimeError):
-    """No file of an image folder could be decoded (or none of those tried)."""
+class NoReadableImageError(DataError, RuntimeError):
+    """No file of an image folder could be decoded (or none of those tried).
+
+    A :class:`~wcl.data.errors.DataError` (``wcl`` prints one line, exit 2), and still the
+    RuntimeError it always was."""
 
 
 def is_image_file(name: str) -> bool:
@@ -321,9 +325,15 @@ def first_readable(
             raise NoReadableImageError("the training data set is empty")
         return 0
     indices = _spread(len(folder), limit)
-    for k in indices:
-        if folder.try_decode(k) is not None:
-            return k
+    # Probing serves nothing in a broken file's place: no "serving the next readable sample"
+    # warning (that comes with the first real substitution, if any).
+    substitute, folder.substitute = folder.substitute, False
+    try:
+        for k in indices:
+            if folder.try_decode(k) is not None:
+                return k
+    finally:
+        folder.substitute = substitute
     tried = {folder.samples[k][0]: folder.skipped.get(folder.samples[k][0], "?") for k in indices}
     sampled = "" if len(indices) == len(folder) else " (spread evenly over the data set)"
     raise NoReadableImageError(

@@ -69,13 +69,10 @@ _RESUMABLE_CHANGES = {
 }
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("'run.device' is cuda but no CUDA device is available")
-    return torch.device(name)
+def resolve_device(name: str, key: str = "run.device") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a ConfigError
+    naming ``key`` (:func:`wcl.dist.resolve_device`, which pre-training uses too)."""
+    return dist.resolve_device(name, key)
 
 
 @dataclass

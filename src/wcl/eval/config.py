@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wcl.config import AMP_CHOICES, check_choices, flatten, sections_from_dict
+from wcl.config import AMP_CHOICES, check_choices, check_seeds, flatten, sections_from_dict
 from wcl.config_files import PRESET_DIR, ConfigError, preset_names, preset_path, read_config
 
 __all__ = [
@@ -185,6 +185,7 @@ def _validate(flat: dict[str, Any]) -> None:
             raise ConfigError(f"config key {key!r} must be {need}, got {flat[key]!r}")
 
     check_choices(flat, _CHOICES)
+    check_seeds(flat, ["run.seed", "finetune.subset_seed"])
     for key in _POSITIVE:
         check(key, flat.get(key) is None or flat[key] > 0, "> 0")
     for key in _NON_NEGATIVE:

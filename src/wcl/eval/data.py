@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from wcl.config import ConfigError
 from wcl.data import build_dataset, dataset_stats, sample_seed
 from wcl.data.augment import ToChannels
-from wcl.data.folder import split_dir
+from wcl.data.folder import first_readable, split_dir, unwrap_image_folder
 from wcl.eval.config import EvalData
 
 __all__ = [
@@ -118,7 +118,8 @@ def dataset_targets(dataset: Dataset) -> torch.Tensor:
 
 
 def load_splits(d: EvalData, channels: int) -> Splits:
-    """The train and test splits ``d`` names; raises ConfigError if either is unlabelled.
+    """The train and test splits ``d`` names; raises ConfigError if either is unlabelled,
+    NoReadableImageError if an image folder has no file that decodes (of those tried).
 
     ``channels`` is what image folders are decoded to; built-in datasets keep their own
     (the pipelines convert with :class:`ToChannels`).
@@ -139,6 +140,10 @@ def load_splits(d: EvalData, channels: int) -> Splits:
         build_dataset(d.dataset, d.root, split, d.download, channels, substitute=False)
         for split in (True, False)
     )
+    for split in (train, test):
+        if unwrap_image_folder(split) is not None:
+            # A folder whose files all fail to decode: one error naming it, before any work.
+            first_readable(split)
     classes = list(getattr(train, "classes", []))
     if d.train_subset is not None:
         train = Subset(train, range(min(d.train_subset, len(train))))  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wcl.data import BROKEN, ImageFolderDataset, read_skip_log
+from wcl.data import BROKEN, ImageFolderDataset, first_readable, read_skip_log
 from wcl.eval.common import resolve_device
 from wcl.eval.features import extract_features
 from wcl.preprocess import preprocessing
@@ -73,6 +73,7 @@ def embed_images(
     earlier run is removed). Path lines are the file names' bytes, so a name that is not
     UTF-8 comes out as it is on disk.
     """
+    dev = resolve_device(device, "--device")  # before anything is read
     loaded = load_backbone(checkpoint)
     spec = loaded.spec
     transform = preprocessing(spec, loaded.config, image_size, resize).transform()
@@ -81,7 +82,7 @@ def embed_images(
     log = skipped_path(out)
     log.unlink(missing_ok=True)
     dataset = ImageFolderDataset(images, channels=spec.in_channels, skip_log=log, substitute=False)
-    dev = resolve_device(device)
+    first_readable(dataset)  # a folder of broken files: NoReadableImageError naming it
     module = loaded.module.to(dev)
     feats, targets = extract_features(
         module,

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from wcl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from wcl.data import BROKEN, collate_marking_broken
+from wcl.data import BROKEN, NoReadableImageError, collate_marking_broken, unwrap_image_folder
 from wcl.eval.data import MapImages
 
 __all__ = [
@@ -111,7 +111,11 @@ def extract_features(
     finally:
         backbone.train(was_training)
     if feats is None:
-        raise ValueError(f"{desc}: no readable image in a data set of {len(data)}")  # type: ignore[arg-type]
+        folder = unwrap_image_folder(data)
+        where = f"{folder.root}, " if folder is not None else ""
+        raise NoReadableImageError(
+            f"{desc}: no readable image in {where}a data set of {len(data)}"  # type: ignore[arg-type]
+        )
     return (feats, targets) if keep_broken_rows else readable_rows(feats, targets)
 
 
