@@ -70,7 +70,12 @@ def kill_trials(base: Path, count: int, rng: random.Random) -> dict:
         out = base / f"kill-{trial}"
         proc = subprocess.Popen(pretrain_argv(out, "train.checkpoint_every_steps=1"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        time.sleep(rng.uniform(0.3, 0.9) * seconds)
+        if trial % 2:  # at a random moment
+            time.sleep(rng.uniform(0.3, 0.9) * seconds)
+        else:  # inside a save: as soon as a temporary checkpoint exists, after a random delay
+            time.sleep(rng.uniform(0.2, 0.8) * seconds)
+            while proc.poll() is None and not list(out.glob(".tmp-*")):
+                time.sleep(0.0005)
         saving = bool(list(out.glob(".tmp-*")))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -97,14 +102,18 @@ def two_runs(base: Path) -> dict:
     second = run(pretrain_argv(out) + ["--resume", "auto"])
     first.wait()
     refused = second.returncode == 2 and "is in use by" in second.stderr
-    return {"trials": 1, "second refused": int(refused), "first finished": int(first.returncode == 0)}
+    return {
+        "trials": 1,
+        "second refused": int(refused),
+        "first finished": int(first.returncode == 0),
+    }
 
 
 def start_up_signal(base: Path) -> dict:
     out = base / "startup"
     proc = subprocess.Popen(pretrain_argv(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
-    time.sleep(0.5)  # importing torch and reading the data: before the first step
+    time.sleep(1.0)  # importing torch, reading the data, building the model
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate()
     marked = (out / "preempted").exists()
@@ -113,15 +122,20 @@ def start_up_signal(base: Path) -> dict:
 
 
 def disk_full(base: Path) -> dict:
+    """A tmpfs of 1.6 checkpoints: the first save fits, the next one (the new file is
+    written beside the old one, then renamed over it) does not."""
+    sizing = base / "sizing"
+    extra = ("model.width=32", "model.hidden_dim=512", "train.checkpoint_every=1")
+    run(pretrain_argv(sizing, *extra, "train.epochs=1", "optim.warmup_epochs=0"))
+    size = int(1.6 * (sizing / "last.pt").stat().st_size)
     mount = Path(tempfile.mkdtemp(prefix="wcl-full-"))
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)],
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                           capture_output=True, text=True)  # fmt: skip
     if made.returncode != 0:
         return {"trials": 0, "not run": made.stderr.strip()[:80]}
     try:
         out = mount / "run"
-        done = run(pretrain_argv(out, "model.width=32", "model.hidden_dim=512", "train.epochs=6",
-                                 "train.checkpoint_every=1"))  # fmt: skip
+        done = run(pretrain_argv(out, *extra, "train.epochs=6"))
         lines = [x for x in done.stderr.strip().splitlines() if x.startswith("wcl:")]
         previous_ok = False
         if (out / "last.pt").exists():
@@ -178,14 +192,18 @@ def bad_inputs(base: Path) -> list[tuple[str, list[str]]]:
         ("base names no file", [*WCL, "pretrain", "--config", str(corpus / "bad-base.yaml")]),
         ("missing data root", [*pre, "--set", f"data.root={corpus / 'nowhere'}"]),
         ("truncated IDX", [*pre, "--set", f"data.root={broken}"]),
-        ("folder without images", [*pre, "--set", "data.dataset=folder", "--set",
-                                   f"data.root={empty_folder}"]),
-        ("folder of broken files", [*pre, "--set", "data.dataset=folder", "--set",
-                                    f"data.root={all_broken}"]),
+        (
+            "folder without images",
+            [*pre, "--set", "data.dataset=folder", "--set", f"data.root={empty_folder}"],
+        ),
+        (
+            "folder of broken files",
+            [*pre, "--set", "data.dataset=folder", "--set", f"data.root={all_broken}"],
+        ),
         ("seed beyond 64 bits", [*pre, "--set", f"train.seed={2**70}"]),
         ("cuda without a GPU", [*pre, "--set", "train.device=cuda"]),
         ("huge width", [*pre, "--set", "model.width=100000"]),
-        ("batch not divisible", [*pre, "--set", "train.batch_size=7", "--set", "train.epochs=1"]),
+        ("batch above the data", [*pre, "--set", "train.batch_size=100000"]),
         ("pickle checkpoint", [*ckpt, str(corpus / "pickle.pt")]),
         ("empty checkpoint", [*ckpt, str(corpus / "empty.pt")]),
         ("text checkpoint", [*ckpt, str(corpus / "text.pt")]),
@@ -210,7 +228,9 @@ def corpus_trials(base: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--out", default="runs/faults")
     parser.add_argument("--seed", type=int, default=0)
@@ -224,7 +244,8 @@ def main() -> None:
         "kill -9, then --resume auto": kill_trials(base, args.kills, rng),
         "two runs on one directory": two_runs(base),
         "SIGTERM during start-up": start_up_signal(base),
-        "disk full": {"trials": 0, "not run": "--skip-disk-full"} if args.skip_disk_full
+        "disk full": {"trials": 0, "not run": "--skip-disk-full"}
+        if args.skip_disk_full
         else disk_full(base),
         "bad-input corpus": corpus_trials(base),
     }

@@ -230,3 +230,18 @@ def test_the_lock_of_a_live_process_is_not_taken(tmp_path):
         holder.wait()
     time.sleep(0.05)
     RunLock(tmp_path).acquire("third").release()
+
+
+def test_a_signal_while_the_cli_still_imports_leaves_a_preempted_file(tmp_path):
+    """SIGTERM a second into `wcl pretrain` (torch still loading, or the data): exit 75 and
+    a `preempted` file, which the sbatch recipe tests to requeue."""
+    out = tmp_path / "run"
+    code = "import sys; from wcl.cli import main; sys.exit(main())"
+    argv = [sys.executable, "-c", code, *_cli_pretrain(out)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    assert (out / "preempted").read_text().startswith("SIGTERM ")
+    assert "continue with --resume auto" in err.strip().splitlines()[-1]

@@ -50,6 +50,8 @@ def _one_line(err: BaseException) -> str:
     re-raised with the worker's whole traceback as its message; its last line is the error
     ("module.ErrorName: message"), the rest is noise to a user."""
     text = str(err)
+    if isinstance(err, OSError) and err.strerror and err.filename is None and err.args[1:]:
+        text = err.strerror  # OSError(errno, message) would print "[Errno 28] message"
     if "\nOriginal Traceback" in text:
         text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
@@ -503,6 +505,10 @@ def _escape_undecodable_names() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("pretrain", "demo"):
+        from wcl.early_signals import catch_early
+
+        catch_early()  # before torch loads: a pre-emption then still ends in `preempted`
     _escape_undecodable_names()
     # Errors that describe a fixable problem get one clear line, not a traceback.
     from wcl import dist

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from wcl import dist
+from wcl import dist, early_signals
 from wcl.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -175,7 +175,7 @@ class Preempted(Exception):
 class PreemptionFlag:
     """Catches SIGTERM and SIGUSR1 (SLURM's warnings) while active; restores handlers after."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = early_signals.SIGNALS
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -183,9 +183,12 @@ class PreemptionFlag:
 
     def __enter__(self) -> PreemptionFlag:
         if threading.current_thread() is threading.main_thread():
+            # A signal caught while the CLI was still importing counts as received here.
+            self.received, before = early_signals.take()
             for name in self.SIGNALS:
                 number = getattr(signal, name)
-                self._previous[number] = signal.signal(number, self._handle)
+                previous = signal.signal(number, self._handle)
+                self._previous[number] = before.get(number, previous)
         return self
 
     def __exit__(self, *exc: object) -> None:
