@@ -7,38 +7,21 @@ from pathlib import Path
 import matplotlib
 import pytest
 import yaml
+from test_train import FIXTURE
+from test_train import tiny_config as train_tiny_config
 
 from wcl.cli import main
-from wcl.config import load_config
 from wcl.report import read_metrics, write_report
 from wcl.train import pretrain
 
 matplotlib.use("Agg")
 
-FIXTURE = Path(__file__).parent / "fixtures" / "fashion-idx"
-
 
 def tiny_config(out_dir, *extra):
-    return load_config(
-        "fashion-mnist-demo",
-        [
-            f"data.root={FIXTURE}",
-            "data.workers=0",
-            "model.backbone=resnet10",
-            "data.augment=loader",
-            "model.stem=small",
-            "model.width=8",
-            "model.hidden_dim=32",
-            "model.out_dim=16",
-            "train.epochs=2",
-            "train.batch_size=64",
-            "train.checkpoint_every=1",
-            "train.log_every=3",  # 4 steps an epoch: lines at steps 3, 4, 6, 8
-            "train.knn_every=1",
-            "optim.warmup_epochs=1",
-            f"train.out_dir={out_dir}",
-            *extra,
-        ],
+    """test_train's tiny run for 2 epochs, with metric lines at steps 3, 4, 6, 8 (4 steps an
+    epoch) and the online kNN after every epoch."""
+    return train_tiny_config(
+        out_dir, "train.epochs=2", "train.log_every=3", "train.knn_every=1", *extra
     )
 
 
