@@ -23,7 +23,7 @@ from pathlib import Path
 from wcl import dist
 from wcl.config_files import ConfigError
 
-__all__ = ["LOCK_NAME", "RunDirLocked", "RunLock", "run_dir_lock"]
+__all__ = ["LOCK_NAME", "RunDirLocked", "RunLock", "lock_on_rank0", "run_dir_lock"]
 
 LOCK_NAME = ".lock"
 
@@ -82,10 +82,9 @@ class RunLock:
         self.release()
 
 
-@contextlib.contextmanager
-def run_dir_lock(run_dir: str | os.PathLike, command: str) -> Iterator[None]:
-    """Rank 0, which writes the run directory, holds its lock for the block; when it
-    cannot, every process raises (none is left waiting at a collective)."""
+def lock_on_rank0(run_dir: str | os.PathLike, command: str) -> RunLock | None:
+    """Rank 0, which writes the run directory, takes its lock (returned; None elsewhere);
+    when it cannot, every process raises, so none is left waiting at a collective."""
     lock, refusal = None, None
     if dist.is_main():
         try:
@@ -94,6 +93,13 @@ def run_dir_lock(run_dir: str | os.PathLike, command: str) -> Iterator[None]:
             refusal = err
     if dist.max_over_processes(int(refusal is not None)):
         raise refusal or RunDirLocked(f"run directory {str(run_dir)!r} is in use (rank 0)")
+    return lock
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike, command: str) -> Iterator[None]:
+    """:func:`lock_on_rank0` for the block."""
+    lock = lock_on_rank0(run_dir, command)
     try:
         yield
     finally:

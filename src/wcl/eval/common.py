@@ -31,7 +31,7 @@ from wcl.eval.features import (
     save_features,
 )
 from wcl.eval.shards import gather_shards, shard
-from wcl.lock import RunDirLocked, RunLock
+from wcl.lock import RunLock, lock_on_rank0
 from wcl.preprocess import default_resize, input_size
 from wcl.run import amp_dtype
 from wcl.weights import LoadedBackbone, load_backbone, write_json
@@ -212,14 +212,8 @@ def start_run(setup: Setup, cfg: Any) -> None:
     :func:`open_run`'s "directory already holds a run" check.
     """
     dist.barrier()
-    refusal = None
-    if dist.is_main():
-        try:  # one run at a time writes the directory (wcl.lock)
-            setup.lock = RunLock(setup.run_dir).acquire(f"wcl {setup.run_dir.name}")
-        except RunDirLocked as err:
-            refusal = err
-    if dist.max_over_processes(int(refusal is not None)):
-        raise refusal or RunDirLocked(f"run directory {str(setup.run_dir)!r} is in use (rank 0)")
+    # One run at a time writes the directory (wcl.lock), until finish_run.
+    setup.lock = lock_on_rank0(setup.run_dir, f"wcl {setup.run_dir.name}")
     if dist.is_main():
         (setup.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
