@@ -32,7 +32,7 @@ from wcl.eval.features import (
 )
 from wcl.eval.shards import gather_shards, shard
 from wcl.lock import RunLock, lock_on_rank0
-from wcl.preprocess import default_resize, input_size
+from wcl.preprocess import input_size, preprocessing
 from wcl.run import amp_dtype
 from wcl.weights import LoadedBackbone, load_backbone, write_json
 
@@ -176,14 +176,16 @@ def resolve_data(d: EvalData, loaded: LoadedBackbone, checkpoint: Path) -> EvalD
             f"the backbone in {checkpoint} was pre-trained at",
             file=sys.stderr,
         )
-    crop = d.image_size or trained
+    # Crop and resize as wcl embed and backbone.json have them (an exported backbone's
+    # JSON may carry its resize).
+    prep = preprocessing(spec, loaded.config, d.image_size, d.resize)
     return replace(
         d,
         dataset=dataset,
         root=root,
         channels=channels,
-        image_size=crop,
-        resize=d.resize or default_resize(crop, spec.stem),
+        image_size=prep.crop,
+        resize=prep.resize,
         stats=d.stats or stats_name(pre.get("dataset") or dataset),
     )
 
