@@ -18,7 +18,10 @@ is appended to ``--results`` with the weak-label precision of that epoch and the
 Everything resumes: a pre-training continues from its ``last.pt``, and a measured
 (arm, seed, epoch) is not measured again, so the same command picks up where a killed
 run stopped. Arms run seed by seed (every arm of seed 0 first), so a partial study is
-balanced. ``--threads 1`` leaves a core free on a 2-core machine.
+balanced. ``--threads 1`` leaves a core free on a 2-core machine. A pre-training stopped
+by SIGTERM/SIGUSR1 (``wcl.run.Preempted``) still has its epoch checkpoints measured, then
+the script exits with status 75; bench/study_gpu.py relies on that to end inside a budget.
+``--eval-subset N`` measures on the first N training and test images only (rehearsals).
 """
 
 from __future__ import annotations
@@ -27,15 +30,18 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from wcl.config import Config, load_config
 from wcl.data import build_dataset, dataset_stats, eval_pipeline
 from wcl.demo import backbone_or_random, evaluate_features
 from wcl.eval import extract_features
+from wcl.run import Preempted
 from wcl.train import pretrain
 
 ARMS = {
@@ -85,6 +91,20 @@ def _epoch_stats(run_dir: Path, epoch: int) -> dict[str, float]:
     return {k: statistics.fmean(r[k] for r in rows) for k in keys if rows and k in rows[0]}
 
 
+def _measured_sets(cfg: Config, eval_subset: int | None) -> tuple:
+    """The training and test splits the checkpoints are measured on (the first
+    ``eval_subset`` images of each, if given) and the number of classes."""
+    d = cfg.data
+    train, test = (
+        build_dataset(d.dataset, d.root, train=split, channels=d.channels)
+        for split in (True, False)
+    )
+    num_classes = len(train.classes)
+    if eval_subset:
+        train, test = (Subset(s, range(min(eval_subset, len(s)))) for s in (train, test))
+    return train, test, num_classes
+
+
 def run(args: argparse.Namespace) -> None:
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -94,36 +114,55 @@ def run(args: argparse.Namespace) -> None:
             cfg = _config(arm, seed, args)
             run_dir = Path(cfg.train.out_dir)
             tick = time.perf_counter()
-            pretrain(cfg, resume="auto")
+            try:
+                pretrain(cfg, resume="auto")
+            except Preempted as stop:  # measure what exists, then stop (status 75)
+                print(f"{arm} seed {seed}: {stop}", flush=True)
+                _measure(args, arm, seed, cfg, run_dir, results, commit)
+                sys.exit(75)
             print(f"{arm} seed {seed}: pre-trained in {time.perf_counter() - tick:.0f} s")
-            d = cfg.data
-            train_set = build_dataset(d.dataset, d.root, train=True, channels=d.channels)
-            test_set = build_dataset(d.dataset, d.root, train=False, channels=d.channels)
-            transform = eval_pipeline(d.image_size, *dataset_stats(d.dataset, d.channels))
-            study = Path(args.out).name
-            done = {(r["arm"], r["seed"], r["epoch"]) for r in _rows(results, study)}
-            for ckpt in sorted(run_dir.glob("epoch-*.pt")):
-                epoch = int(ckpt.stem.split("-")[1])
-                if (arm, seed, epoch) in done:
-                    continue
-                net = backbone_or_random(cfg, ckpt)
-                train = extract_features(net, train_set, transform, batch_size=512)
-                test = extract_features(net, test_set, transform, batch_size=512)
-                scores = evaluate_features(train, test, len(train_set.classes), seed)
-                row = {
-                    "study": study,
-                    "arm": arm,
-                    "seed": seed,
-                    "epoch": epoch,
-                    "epochs": cfg.train.epochs,
-                }
-                row |= {k: round(scores[k], 2) for k in METRICS}
-                row |= {f"train_{k}": round(v, 4) for k, v in _epoch_stats(run_dir, epoch).items()}
-                row |= {"preset": args.preset, "overrides": args.set, "commit": commit,
-                        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
-                with results.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(json.dumps(row), flush=True)
+            _measure(args, arm, seed, cfg, run_dir, results, commit)
+
+
+def _measure(
+    args: argparse.Namespace,
+    arm: str,
+    seed: int,
+    cfg: Config,
+    run_dir: Path,
+    results: Path,
+    commit: str,
+):
+    """One result line per epoch checkpoint of ``run_dir`` not measured yet."""
+    d = cfg.data
+    train_set, test_set, num_classes = _measured_sets(cfg, args.eval_subset)
+    transform = eval_pipeline(d.image_size, *dataset_stats(d.dataset, d.channels))
+    device = "cuda" if cfg.train.device == "cuda" else "cpu"
+    study = Path(args.out).name
+    done = {(r["arm"], r["seed"], r["epoch"]) for r in _rows(results, study)}
+    for ckpt in sorted(run_dir.glob("epoch-*.pt")):
+        epoch = int(ckpt.stem.split("-")[1])
+        if (arm, seed, epoch) in done:
+            continue
+        net = backbone_or_random(cfg, ckpt)
+        train = extract_features(net, train_set, transform, 512, device)
+        test = extract_features(net, test_set, transform, 512, device)
+        train, test = [(f.cpu(), t.cpu()) for f, t in (train, test)]
+        scores = evaluate_features(train, test, num_classes, seed)
+        row = {
+            "study": study,
+            "arm": arm,
+            "seed": seed,
+            "epoch": epoch,
+            "epochs": cfg.train.epochs,
+        }
+        row |= {k: round(scores[k], 2) for k in METRICS}
+        row |= {f"train_{k}": round(v, 4) for k, v in _epoch_stats(run_dir, epoch).items()}
+        row |= {"preset": args.preset, "overrides": args.set, "commit": commit,
+                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
 
 
 def _table(rows: list[dict]) -> tuple[str, dict]:
@@ -222,6 +261,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/study")
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--eval-subset", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     run(args) if args.command == "run" else summary(args)
 

@@ -20,7 +20,6 @@ import torch
 from wcl.config import Config
 from wcl.data import build_dataset, dataset_stats, eval_pipeline
 from wcl.eval import extract_features, knn_accuracies, train_linear_on_features
-from wcl.report import write_report
 from wcl.train import build_model, pretrain
 from wcl.weights import load_backbone
 
@@ -191,6 +190,8 @@ def run_demo(cfg: Config, out_dir: str | Path) -> dict:
     results = {"methods": methods, "summary": summary, "notes": notes, "minutes": minutes,
                "config": cfg.to_dict()}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    from wcl.report import write_report  # matplotlib only here: bench/study.py runs without it
+
     write_report(out)
     results["minutes_with_report"] = (time.perf_counter() - start) / 60
     (out / "results.json").write_text(json.dumps(results, indent=2))
