@@ -24,7 +24,7 @@ def unit_rows(n, d, seed):
 
 
 def nt_xent_by_hand(z1, z2, t):
-    """REFERENCE.md: 2N anchors, self removed, positive = other view, mean of -log p."""
+    """NT-Xent as the paper writes it: 2N anchors, self removed, positive = other view, mean of -log p."""
     z = torch.cat([z1, z2]).tolist()
     n = len(z1)
     total = 0.0

@@ -1,6 +1,6 @@
 """Convert the authors' release checkpoints (``wcl-100.pth`` ...) into wcl checkpoints.
 
-Release layout (see shared REFERENCE.md): a dict with ``model`` (the state dict of the
+Release layout (docs/design.md, "The authors' release"): a dict with ``model`` (the state dict of the
 DDP-wrapped model), ``optimizer`` and ``epoch``. Inside ``model``:
 
 ====================================  =========================================
