@@ -28,6 +28,7 @@ T = TypeVar("T")
 # keeps every seed its own run, an int64 wherever it is stored, with room for the epoch.
 SEED_LIMIT = 2**63
 SEED = "in [0, 2**63)"
+DISTINCT_COUNTS = "a list of distinct ints > 0"  # knn.k: one result per k
 
 # The ranges a key may declare, by the words its error says ("must be ..."), in the order
 # they are checked: a config with several bad values is refused naming the first.
@@ -37,6 +38,9 @@ BOUNDS: dict[str, Callable[[Any], bool]] = {
     ">= 0": lambda v: v >= 0,
     "in [0, 1]": lambda v: 0 <= v <= 1,
     "in (0, 1]": lambda v: 0 < v <= 1,
+    DISTINCT_COUNTS: lambda v: (
+        bool(v) and all(type(k) is int and k > 0 for k in v) and len(set(v)) == len(v)
+    ),
 }
 
 

@@ -26,7 +26,14 @@ from wcl.config import (
     workers_key,
 )
 from wcl.config_files import PRESET_DIR, ConfigError, preset_names, preset_path, read_config
-from wcl.config_schema import SEED, check_keys, key, resume_ok_keys, sections_from_dict
+from wcl.config_schema import (
+    DISTINCT_COUNTS,
+    SEED,
+    check_keys,
+    key,
+    resume_ok_keys,
+    sections_from_dict,
+)
 
 __all__ = [
     "EVAL_PRESET_DIR",
@@ -91,7 +98,7 @@ class EvalRun:
     )
     out_dir: str | None = key(
         None,
-        help="run directory (null: <checkpoint folder>/eval/<checkpoint name>/<command>)",
+        help="run directory (null: eval/NAME/COMMAND in the checkpoint's folder)",
         path="home",
         resume_ok=True,
     )
@@ -148,7 +155,11 @@ class LinearSettings:
 
 @dataclass
 class KnnSettings:
-    k: list = key(help="neighbour counts, one result each", factory=lambda: [200, 20])
+    k: list = key(
+        help="neighbour counts, one result each",
+        bounds=DISTINCT_COUNTS,
+        factory=lambda: [200, 20],
+    )
     temperature: float = key(0.07, help="vote weight exp(similarity / temperature)", bounds="> 0")
     chunk: int = key(
         1024, help="queries per similarity block (memory: chunk x train images)", bounds="> 0"
@@ -221,11 +232,6 @@ def may_change_on_resume(kind: str) -> set[str]:
 
 def _validate(flat: dict[str, Any], cls: type) -> None:
     check_keys(flat, cls)
-    ks = flat.get("knn.k")
-    if ks is not None and (
-        not ks or not all(type(k) is int and k > 0 for k in ks) or len(set(ks)) != len(ks)
-    ):
-        raise ConfigError(f"config key 'knn.k' must be a list of distinct ints > 0, got {ks!r}")
     if "finetune.fraction" in flat and not (
         flat["finetune.fraction"] or flat["finetune.subset_file"]
     ):
