@@ -3,6 +3,8 @@
 The files, presets and ``section.key=value`` overrides they come from are read by
 :mod:`wcl.config_files`. Every unknown key and every bad value is an error naming the key,
 raised before any work starts. Batch sizes are *global* (all processes together).
+Each key is declared once, with :func:`wcl.config_schema.key` (help, allowed values, range,
+whether it may change on resume); the checks and :mod:`wcl.config_docs` read it there.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ __all__ = [
     "check_seeds",
     "small_crop_size",
     "AMP_CHOICES",
+    "MAY_CHANGE_ON_RESUME",
+    "may_change_on_resume",
 ]
 
 # Mixed precision (train.amp, the eval configs' run.amp, wcl embed --amp); auto is bf16 on

@@ -113,7 +113,7 @@ class EvalRun:
     progress: bool = key(True, help="tqdm progress bars", resume_ok=True)
 
 
-# Keys the linear probe and fine-tuning share (one declaration each; defaults may differ).
+# Keys the linear probe and fine-tuning share: one declaration each.
 _lr_scaling = partial(
     key, "linear", help="linear: lr * batch / 256; none: lr", choices=("linear", "none")
 )
