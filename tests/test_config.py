@@ -179,3 +179,88 @@ def test_misspelt_keys_and_values_get_a_suggestion():
         assert message in str(err.value)
     with pytest.raises(ConfigError, match=r"got 'fp61' \(did you mean 'fp16'\?\)"):
         load_eval_config("knn", "knn-small", ["run.amp=fp61"])
+
+
+# The keys wcl.run.MAY_CHANGE_ON_RESUME and wcl.eval.common._RESUMABLE_CHANGES listed by
+# hand before the flag moved into the key declarations: the regression reference.
+RUN_RESUME_KEYS = {
+    "data.root", "data.workers", "data.download", "train.out_dir", "train.device",
+    "train.dist_backend", "train.checkpoint_every", "train.checkpoint_every_steps",
+    "train.log_every", "train.threads", "train.knn_every", "train.knn_k", "train.knn_t",
+    "train.knn_bank", "train.knn_queries", "train.deterministic",
+}  # fmt: skip
+EVAL_RESUME_KEYS = {
+    "data.workers", "run.device", "run.dist_backend", "run.threads", "run.out_dir",
+    "run.progress", "run.eval_batch_size", "linear.eval_every", "linear.checkpoint_every",
+    "finetune.eval_every", "finetune.checkpoint_every",
+}  # fmt: skip
+
+
+def test_the_keys_that_may_change_on_resume_come_from_the_declarations():
+    from wcl.config import MAY_CHANGE_ON_RESUME, may_change_on_resume
+    from wcl.eval.config import KINDS
+    from wcl.eval.config import may_change_on_resume as eval_may_change
+
+    assert MAY_CHANGE_ON_RESUME == may_change_on_resume() == RUN_RESUME_KEYS
+    assert set().union(*(eval_may_change(kind) for kind in KINDS)) == EVAL_RESUME_KEYS
+
+
+def _config_classes():
+    from wcl.eval.config import KINDS
+
+    return [Config, *KINDS.values()]
+
+
+def test_every_key_is_declared_with_help():
+    import dataclasses
+
+    from wcl.config_schema import key_info, sections
+
+    for cls in _config_classes():
+        for name, section in sections(cls).items():
+            for f in dataclasses.fields(section):
+                assert key_info(f).help.strip(), f"{cls.__name__} {name}.{f.name}"
+
+
+def test_shared_keys_have_one_declaration():
+    """The eval configs' amp, device, ... are pre-training's declarations, not copies."""
+    from wcl.config_schema import schema
+    from wcl.eval.config import LinearConfig
+
+    pre, ev = schema(Config), schema(LinearConfig)
+    for a, b in [("train.amp", "run.amp"), ("train.device", "run.device"),
+                 ("train.dist_backend", "run.dist_backend"), ("train.threads", "run.threads"),
+                 ("train.seed", "run.seed"), ("data.workers", "data.workers")]:  # fmt: skip
+        assert pre[a] == ev[b], (a, b)
+
+
+def test_the_key_tables_list_every_key_once():
+    """One table per section dataclass of every config (the eval configs share data and
+    run), each listing every key of its section exactly once."""
+    import dataclasses
+    import re
+    import subprocess
+    import sys
+
+    from wcl.config_docs import TABLES, _config_class, key_table_markdown
+    from wcl.config_schema import sections
+
+    text = key_table_markdown()
+    blocks = text.split("\n### ")
+    assert len(blocks) == len(TABLES)
+    tabled = set()
+    for block, (name, (_, cls_name, section)) in zip(blocks, TABLES.items(), strict=True):
+        assert (
+            key_table_markdown(name).removeprefix("### ").strip()
+            == block.removeprefix("### ").strip()
+        )
+        listed = re.findall(r"^\| `([\w.]+)` \|", block, flags=re.M)
+        cls = sections(_config_class(cls_name))[section]
+        assert listed == [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+        tabled.add(cls)
+    assert tabled == {s for c in _config_classes() for s in sections(c).values()}
+    with pytest.raises(ValueError, match="unknown key table"):
+        key_table_markdown("nope")
+    cmd = [sys.executable, "-m", "wcl.config_docs", "train"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert done.stdout == key_table_markdown("train")

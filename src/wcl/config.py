@@ -3,20 +3,17 @@
 The files, presets and ``section.key=value`` overrides they come from are read by
 :mod:`wcl.config_files`. Every unknown key and every bad value is an error naming the key,
 raised before any work starts. Batch sizes are *global* (all processes together).
+Each key is declared once, with :func:`wcl.config_schema.key` (help, allowed values, range,
+whether it may change on resume); the checks and :mod:`wcl.config_docs` read it there.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
-import os
-import types
-import typing
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from wcl.config_files import (
     PRESET_DIR,
@@ -25,6 +22,18 @@ from wcl.config_files import (
     preset_names,
     preset_path,
     read_config,
+)
+from wcl.config_schema import (
+    SEED,
+    check_choices,
+    check_keys,
+    check_seeds,
+    choices_of,
+    key,
+    keys_bounded,
+    resume_ok_keys,
+    schema,
+    sections_from_dict,
 )
 
 # ConfigError, PRESET_DIR and the readers live in wcl.config_files; named here too, where
@@ -50,93 +59,230 @@ __all__ = [
     "check_seeds",
     "small_crop_size",
     "AMP_CHOICES",
+    "MAY_CHANGE_ON_RESUME",
+    "may_change_on_resume",
 ]
 
 # Mixed precision (train.amp, the eval configs' run.amp, wcl embed --amp); auto is bf16 on
 # GPUs that have it natively, fp16 (with loss scaling) on older ones, float32 on CPUs.
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-T = TypeVar("T")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder")
+DEVICES = ("auto", "cpu", "cuda")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
+CHANNELS = (1, 3)
+
+# Keys whose meaning the eval configs (wcl/eval/config.py) share: declared once, here.
+amp_key = partial(
+    key,
+    "auto",
+    help="mixed precision: auto is bf16 on GPUs with native bf16, fp16 (loss-scaled) on "
+    "older GPUs, float32 on CPUs",
+    choices=AMP_CHOICES,
+)
+device_key = partial(
+    key,
+    "auto",
+    help="where to run (auto: a GPU when there is one)",
+    choices=DEVICES,
+    resume_ok=True,
+)
+dist_backend_key = partial(
+    key,
+    "auto",
+    help="several processes: the process-group backend (auto: nccl on GPUs, gloo on CPUs)",
+    choices=DIST_BACKENDS,
+    resume_ok=True,
+)
+threads_key = partial(
+    key, None, help="torch intra-op threads (null: torch's default)", bounds="> 0", resume_ok=True
+)
+workers_key = partial(
+    key, 2, help="DataLoader worker processes per process", bounds=">= 0", resume_ok=True
+)
+download_key = partial(key, False, help="opt-in torchvision download (needs internet)")
+seed_key = partial(
+    key, 0, help="seeds the data order, augmentations and initialisation", bounds=SEED
+)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | stl10 | folder
-    root: str | None = None  # None: the dataset's default location
-    download: bool = False  # opt-in torchvision download (needs internet)
-    image_size: int = 28  # crop size in pixels
-    channels: int = 1  # 1 = greyscale, 3 = RGB
-    workers: int = 2  # DataLoader worker processes per training process
-    # loader: per image in the workers | batch: whole batches on the device (same-size
-    # images) | hybrid: crops per image in the workers, the rest batched on the device
-    augment: str = "loader"
-    subset: int | None = None  # use only the first N training images
-    weak_min_scale: float = 0.2  # RandomResizedCrop lower scale, weak (warm-up) pipeline
-    strong_min_scale: float = 0.08  # the same, strong pipeline
-    jitter: float = 1.0  # multiplies the colour-jitter strengths
-    blur_prob: float = 0.5  # Gaussian blur probability
-    # Multi-crop: extra low-resolution crops per image (0: off, the published two views)
-    small_crops: int = 0
-    small_size: int | None = None  # their size in pixels (None: image_size * 96 / 224)
-    small_min_scale: float = 0.05  # their RandomResizedCrop scale range (SwAV's)
-    small_max_scale: float = 0.14
+    dataset: str = key(
+        "fashion_mnist",
+        help="training images: a torchvision data set or an image folder",
+        choices=DATASETS,
+    )
+    root: str | None = key(
+        None,
+        help="data folder (null: the data set's default place)",
+        path="absolute",
+        resume_ok=True,
+    )
+    download: bool = download_key(resume_ok=True)
+    image_size: int = key(28, help="crop size in pixels", bounds="> 0")
+    channels: int = key(1, help="1: greyscale, 3: RGB", choices=CHANNELS)
+    workers: int = workers_key()
+    # wcl.data.views.AUGMENT_MODES, written out: importing it would load torch (test_config).
+    augment: str = key(
+        "loader",
+        help="where the views are made: loader (per image in the workers), batch (whole batches "
+        "on the device), hybrid (crops in the workers, the rest on the device)",
+        choices=("loader", "batch", "hybrid"),
+    )
+    subset: int | None = key(None, help="use only the first N training images", bounds="> 0")
+    weak_min_scale: float = key(
+        0.2, help="RandomResizedCrop lower scale, weak (warm-up) pipeline", bounds="in [0, 1]"
+    )
+    strong_min_scale: float = key(
+        0.08, help="RandomResizedCrop lower scale, strong pipeline", bounds="in [0, 1]"
+    )
+    jitter: float = key(1.0, help="multiplies the colour-jitter strengths", bounds="> 0")
+    # Both ranges: a negative value is refused as ">= 0", one above 1 as "in [0, 1]".
+    blur_prob: float = key(0.5, help="Gaussian blur probability", bounds=(">= 0", "in [0, 1]"))
+    small_crops: int = key(
+        0, help="multi-crop: extra low-resolution crops per image (0: off)", bounds=">= 0"
+    )
+    small_size: int | None = key(
+        None, help="multi-crop: their size in pixels (null: image_size * 96 / 224)", bounds="> 0"
+    )
+    small_min_scale: float = key(
+        0.05, help="multi-crop: their RandomResizedCrop lower scale (SwAV's)", bounds="in [0, 1]"
+    )
+    small_max_scale: float = key(
+        0.14, help="multi-crop: their RandomResizedCrop upper scale (SwAV's)", bounds="in [0, 1]"
+    )
 
 
+# Upper bounds that catch a slip (an extra zero) before it fails as out of memory while the
+# model is built. Width: 16x torchvision's 64, where the widest published contrastive
+# ResNets are 4x (SimCLR's ResNet-50 (4x), width 256) and a ResNet-50 of width 1024 holds
+# 6.5e9 parameters. Heads: DINO's 65536-way output is the largest in common use; the
+# release's heads are 4096/256.
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"
-    stem: str = "small"  # imagenet (7x7/2 + max-pool) | small (3x3/1, no max-pool)
-    width: int = 64  # channels of the first stage (64 = torchvision)
-    hidden_dim: int = 2048  # projection heads: paper 2048/128, release 4096/256
-    out_dim: int = 128
-    temperature: float = 0.1
-    graph_weight: float = 1.0  # 0 = plain SimCLR
-    graph_k: int = 1  # neighbours per node in the weak-label graph
-    # exact: every candidate carries gradient (W processes = 1 process) | release: the
-    # authors' gradient paths (other processes' instance candidates and every graph-loss
-    # candidate without gradient)
-    gather: str = "exact"
-    sync_bn: bool = True  # SyncBatchNorm when several processes
-    # One network pass over both views (BatchNorm over both) instead of one per view
-    concat_views: bool = False
-    small_k: int = 1  # multi-crop: nearest neighbours taken as a small crop's extra positives
-    small_weight: float = 1.0  # multi-crop: weight of the small crops' losses
+    backbone: str = key(
+        "resnet18",
+        help="the torchvision ResNet",
+        choices=("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
+    )
+    stem: str = key(
+        "small",
+        help="imagenet: 7x7/2 conv and max-pool; small: 3x3/1, no max-pool; small-s2: 3x3/2",
+        choices=("imagenet", "small", "small-s2"),
+    )
+    width: int = key(
+        64, help="channels of the first stage (64: torchvision)", bounds="> 0", at_most=1024
+    )
+    hidden_dim: int = key(
+        2048,
+        help="projection heads' hidden width (paper 2048, release 4096)",
+        bounds="> 0",
+        at_most=65536,
+    )
+    out_dim: int = key(
+        128,
+        help="projection heads' output width (paper 128, release 256)",
+        bounds="> 0",
+        at_most=65536,
+    )
+    temperature: float = key(0.1, help="temperature of the contrastive softmax", bounds="> 0")
+    graph_weight: float = key(1.0, help="weight of the graph loss (0: plain SimCLR)", bounds=">= 0")
+    graph_k: int = key(1, help="neighbours per node in the weak-label graph", bounds="> 0")
+    gather: str = key(
+        "exact",
+        help="exact: every candidate carries gradient; release: the authors' gradient paths",
+        choices=("exact", "release"),
+    )
+    sync_bn: bool = key(True, help="SyncBatchNorm when several processes")
+    concat_views: bool = key(
+        False, help="one network pass over both views (BatchNorm over both), not one per view"
+    )
+    small_k: int = key(
+        1,
+        help="multi-crop: nearest neighbours taken as a small crop's extra positives",
+        bounds=">= 0",
+    )
+    small_weight: float = key(
+        1.0, help="multi-crop: weight of the small crops' losses", bounds=">= 0"
+    )
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.075  # base lr, scaled by lr_scaling
-    lr_scaling: str = "sqrt"  # sqrt: lr*sqrt(batch) | linear: lr*batch/256 | none
-    final_lr: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-6
-    trust_coefficient: float = 1e-3  # LARS
-    warmup_epochs: float = 10.0  # linear warm-up, weak augmentation during it
-    # Parameters LARS neither decays nor adapts: type (normalisation layers and biases) |
-    # name (the release's rule: "bn" or "bias" in the parameter's name)
-    lars_exclude: str = "type"
+    lr: float = key(0.075, help="base learning rate, scaled by lr_scaling", bounds="> 0")
+    lr_scaling: str = key(
+        "sqrt",
+        help="sqrt: lr * sqrt(batch); linear: lr * batch / 256; none: lr",
+        choices=("sqrt", "linear", "none"),
+    )
+    final_lr: float = key(0.0, help="learning rate the cosine decay ends at", bounds=">= 0")
+    momentum: float = key(0.9, help="LARS momentum", bounds=(">= 0", "in [0, 1]"))
+    weight_decay: float = key(1e-6, help="weight decay", bounds=">= 0")
+    trust_coefficient: float = key(1e-3, help="LARS trust coefficient", bounds=">= 0")
+    warmup_epochs: float = key(
+        10.0, help="linear warm-up epochs, with the weak augmentation", bounds=">= 0"
+    )
+    lars_exclude: str = key(
+        "type",
+        help="parameters LARS neither decays nor adapts: type (normalisation layers and "
+        "biases), name (the release's rule: bn or bias in the name)",
+        choices=("type", "name"),
+    )
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 4096  # global batch, all processes together
-    seed: int = 0
-    out_dir: str = "runs/wcl"
-    device: str = "auto"  # auto | cpu | cuda
-    dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    amp: str = "auto"  # auto (GPU: bf16, or fp16 before compute capability 8) | bf16 | fp16 | off
-    channels_last: bool = True  # convolution layout, faster on GPUs and CPUs
-    deterministic: bool = False  # torch's deterministic algorithms only (bitwise GPU reruns)
-    checkpoint_every: int = 10  # epochs; a checkpoint is always written at the end
-    checkpoint_every_steps: int | None = None  # also refresh last.pt every N steps
-    nonfinite: str = "stop"  # NaN/Inf loss or gradient: stop (error) | skip (drop the step)
-    log_every: int = 10  # steps between metric lines
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
-    knn_every: int = 0  # epochs between online kNN checks on the held-out split (0: off)
-    knn_k: int = 200  # neighbours of the online kNN check
-    knn_t: float = 0.07  # its temperature
-    knn_bank: int | None = None  # training images in its memory bank (None: all)
-    knn_queries: int | None = None  # held-out images it classifies (None: all)
+    epochs: int = key(100, help="training epochs", bounds="> 0")
+    batch_size: int = key(4096, help="global batch, all processes together", bounds="> 0")
+    seed: int = seed_key()
+    out_dir: str = key("runs/wcl", help="run directory", path="home", resume_ok=True)
+    device: str = device_key()
+    dist_backend: str = dist_backend_key()
+    amp: str = amp_key()
+    channels_last: bool = key(
+        True, help="channels_last convolution layout (faster on GPUs and CPUs)"
+    )
+    deterministic: bool = key(
+        False, help="torch's deterministic algorithms only (bitwise GPU reruns)", resume_ok=True
+    )
+    checkpoint_every: int = key(
+        10,
+        help="epochs between checkpoints (one is always written at the end)",
+        bounds="> 0",
+        resume_ok=True,
+    )
+    checkpoint_every_steps: int | None = key(
+        None, help="also refresh last.pt every N steps", bounds="> 0", resume_ok=True
+    )
+    nonfinite: str = key(
+        "stop",
+        help="a NaN/Inf loss or gradient: stop (an error) or skip (drop the step)",
+        choices=("stop", "skip"),
+    )
+    log_every: int = key(10, help="steps between metric lines", bounds="> 0", resume_ok=True)
+    threads: int | None = threads_key()
+    knn_every: int = key(
+        0,
+        help="epochs between online kNN checks on the held-out split (0: off)",
+        bounds=">= 0",
+        resume_ok=True,
+    )
+    knn_k: int = key(200, help="neighbours of the online kNN check", bounds="> 0", resume_ok=True)
+    knn_t: float = key(
+        0.07, help="temperature of the online kNN check", bounds="> 0", resume_ok=True
+    )
+    knn_bank: int | None = key(
+        None,
+        help="online kNN: training images in the bank (null: all)",
+        bounds="> 0",
+        resume_ok=True,
+    )
+    knn_queries: int | None = key(
+        None,
+        help="online kNN: held-out images classified (null: all)",
+        bounds="> 0",
+        resume_ok=True,
+    )
 
 
 @dataclass
@@ -150,140 +296,20 @@ class Config:
         return asdict(self)
 
 
-CHOICES = {
-    "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
-    "data.channels": (1, 3),
-    # wcl.data.views.AUGMENT_MODES, written out: importing it would load torch (test_config).
-    "data.augment": ("loader", "batch", "hybrid"),
-    "model.backbone": ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
-    "model.stem": ("imagenet", "small", "small-s2"),
-    "model.gather": ("exact", "release"),
-    "optim.lr_scaling": ("sqrt", "linear", "none"),
-    "optim.lars_exclude": ("type", "name"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.dist_backend": ("auto", "nccl", "gloo"),
-    "train.amp": AMP_CHOICES,
-    "train.nonfinite": ("stop", "skip"),
-}
-POSITIVE = [
-    "data.image_size",
-    "model.width",
-    "model.hidden_dim",
-    "model.out_dim",
-    "model.temperature",
-    "model.graph_k",
-    "optim.lr",
-    "train.epochs",
-    "train.batch_size",
-    "train.checkpoint_every",
-    "train.checkpoint_every_steps",
-    "train.log_every",
-    "data.subset",
-    "train.threads",
-    "train.knn_k",
-    "train.knn_t",
-    "train.knn_bank",
-    "train.knn_queries",
-    "data.jitter",
-    "data.small_size",
-]
-# Upper bounds that catch a slip (an extra zero) before it fails as out of memory while the
-# model is built. Width: 16x torchvision's 64, where the widest published contrastive
-# ResNets are 4x (SimCLR's ResNet-50 (4x), width 256) and a ResNet-50 of width 1024 holds
-# 6.5e9 parameters. Heads: DINO's 65536-way output is the largest in common use; the
-# release's heads are 4096/256.
-AT_MOST = {"model.width": 1024, "model.hidden_dim": 65536, "model.out_dim": 65536}
-NON_NEGATIVE = [
-    "data.workers",
-    "train.knn_every",
-    "model.graph_weight",
-    "optim.final_lr",
-    "optim.momentum",
-    "optim.weight_decay",
-    "optim.trust_coefficient",
-    "optim.warmup_epochs",
-    "data.blur_prob",
-    "data.small_crops",
-    "model.small_k",
-    "model.small_weight",
-]
-UNIT_INTERVAL = (
-    "data.weak_min_scale",
-    "data.strong_min_scale",
-    "data.blur_prob",
-    "optim.momentum",
-    "data.small_min_scale",
-    "data.small_max_scale",
-)
+# Derived from the declarations above, for code and tests that read them by name.
+CHOICES = choices_of(Config)
+POSITIVE = keys_bounded(Config, "> 0")
+NON_NEGATIVE = keys_bounded(Config, ">= 0")
+UNIT_INTERVAL = tuple(keys_bounded(Config, "in [0, 1]"))
+AT_MOST = {k: i.at_most for k, i in schema(Config).items() if i.at_most is not None}
+# Keys a resumed run may change (they do not change its results); the rest must match
+# the config saved in its checkpoint.
+MAY_CHANGE_ON_RESUME = resume_ok_keys(Config)
 
 
-def _check_type(key: str, value: Any, hint: Any) -> Any:
-    """Value converted to the annotated type, or ConfigError naming the key."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        (hint,) = [a for a in args if a is not type(None)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if hint is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
-    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-    if not ok:
-        raise ConfigError(
-            f"config key {key!r} must be {hint.__name__}, got {value!r} ({type(value).__name__})"
-        )
-    return value
-
-
-# Keys (in any section) that name a file or folder: a leading ~ there is the user's home,
-# as a shell would read it (which it does not inside --set data.root=~/...).
-PATH_KEYS = ("root", "out_dir", "checkpoint", "subset_file")
-
-
-def _did_you_mean(word: str, choices: Collection[str], prefix: str = "") -> str:
-    """' (did you mean 'x'?)' for the closest of ``choices`` to a misspelt ``word``, or ''."""
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-
-
-def sections_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
-    """An instance of ``cls`` (a dataclass of dataclass sections) from nested dicts.
-
-    Unknown sections and keys, and values of the wrong type, are ConfigErrors naming
-    the key. Range checks are the caller's (see :func:`validate`). A ``~`` that starts
-    the value of a path key (``PATH_KEYS``) is expanded to the home folder; a data root is
-    made absolute.
-    """
-    if not isinstance(raw, dict):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
-    cfg = cls()
-    sections = {f.name: f for f in dataclasses.fields(cls)}
-    for name, values in raw.items():
-        if name not in sections:
-            raise ConfigError(
-                f"unknown config section {name!r}{_did_you_mean(name, sections)}; valid "
-                f"sections: {list(sections)}"
-            )
-        if not isinstance(values, dict):
-            raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
-        section = getattr(cfg, name)
-        hints = typing.get_type_hints(type(section))
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(
-                    f"unknown config key '{name}.{key}'{_did_you_mean(key, hints, name + '.')}; "
-                    f"valid keys in {name!r}: {sorted(hints)}"
-                )
-            value = _check_type(f"{name}.{key}", value, hints[key])
-            if key in PATH_KEYS and isinstance(value, str):
-                value = os.path.expanduser(value)
-                if key == "root":
-                    # Saved in config.yaml and read again by later commands, which may
-                    # run elsewhere: the evaluations take their data from it.
-                    value = os.path.abspath(value)
-            setattr(section, key, value)
-    return cfg
+def may_change_on_resume() -> set[str]:
+    """The pre-training keys that may differ between a run and its resumption."""
+    return set(MAY_CHANGE_ON_RESUME)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -293,46 +319,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def check_choices(flat: dict[str, Any], choices: dict[str, Collection[str]]) -> None:
-    """ConfigError naming the first key of ``flat`` whose value is not among its choices."""
-    for key, allowed in choices.items():
-        if key in flat and flat[key] not in allowed:
-            hint = _did_you_mean(flat[key], allowed) if isinstance(flat[key], str) else ""
-            raise ConfigError(
-                f"config key {key!r} must be one of {tuple(allowed)}, got {flat[key]!r}{hint}"
-            )
-
-
-# torch.manual_seed takes [-2**63, 2**64) but folds a negative seed onto 2**64 + seed (-1
-# would repeat the run of 2**64 - 1), and the samplers seed with seed + epoch: [0, 2**63)
-# keeps every seed its own run, an int64 wherever it is stored, with room for the epoch.
-SEED_LIMIT = 2**63
-
-
-def check_seeds(flat: dict[str, Any], keys: Collection[str]) -> None:
-    """ConfigError naming the first of ``keys`` in ``flat`` that is no seed in [0, 2**63)."""
-    for key in keys:
-        if key in flat and not 0 <= flat[key] < SEED_LIMIT:
-            raise ConfigError(f"config key {key!r} must be in [0, 2**63), got {flat[key]!r}")
-
-
 def validate(cfg: Config) -> None:
     """Range and choice checks, and the combinations that cannot work."""
-    flat = flatten(cfg.to_dict())
-    check_choices(flat, CHOICES)
-    check_seeds(flat, ["train.seed"])
-    for key in POSITIVE:
-        if flat[key] is not None and flat[key] <= 0:
-            raise ConfigError(f"config key {key!r} must be > 0, got {flat[key]!r}")
-    for key, limit in AT_MOST.items():
-        if flat[key] > limit:
-            raise ConfigError(f"config key {key!r} must be at most {limit}, got {flat[key]!r}")
-    for key in NON_NEGATIVE:
-        if flat[key] < 0:
-            raise ConfigError(f"config key {key!r} must be >= 0, got {flat[key]!r}")
-    for key in UNIT_INTERVAL:
-        if not 0 <= flat[key] <= 1:
-            raise ConfigError(f"config key {key!r} must be in [0, 1], got {flat[key]!r}")
+    check_keys(flatten(cfg.to_dict()), Config)
     if cfg.train.batch_size < 2:
         raise ConfigError(f"'train.batch_size' must be at least 2, got {cfg.train.batch_size}")
     if cfg.model.graph_k >= cfg.train.batch_size:

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from wcl import dist
 from wcl.checkpoint import load_checkpoint
 from wcl.config import ConfigError, config_changes
+from wcl.config_schema import resume_ok_keys
 from wcl.data import read_skip_log, stats_name, unwrap_image_folder
 from wcl.eval.config import EvalData, EvalRun
 from wcl.eval.data import Splits, eval_transform
@@ -53,21 +54,6 @@ __all__ = [
     "write_results",
 ]
 
-# Keys that may change between a run and its resumption (they do not change results).
-_RESUMABLE_CHANGES = {
-    "data.workers",
-    "run.device",
-    "run.dist_backend",
-    "run.threads",
-    "run.out_dir",
-    "run.progress",
-    "run.eval_batch_size",
-    "linear.eval_every",
-    "linear.checkpoint_every",
-    "finetune.eval_every",
-    "finetune.checkpoint_every",
-}
-
 
 def resolve_device(name: str, key: str = "run.device") -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a ConfigError
@@ -91,7 +77,9 @@ class Setup:
 def _check_same_config(saved: dict[str, Any], cfg: Any, path: Path) -> None:
     # Keys missing from the saved config (added to wcl after it was written) count as
     # their defaults, so an upgrade alone does not stop a resume.
-    changed = config_changes(saved, cfg.to_dict(), _RESUMABLE_CHANGES, type(cfg)().to_dict())
+    # The keys declared resume_ok (wcl/eval/config.py) may differ: they do not change results.
+    may_change = resume_ok_keys(type(cfg))
+    changed = config_changes(saved, cfg.to_dict(), may_change, type(cfg)().to_dict())
     if changed:
         diffs = ", ".join(changed[:5])
         raise ConfigError(f"cannot resume from {path}: its config differs ({diffs})")

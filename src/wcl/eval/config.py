@@ -9,11 +9,31 @@ Eval presets live in ``wcl/configs/eval`` so the pre-training preset list stays 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from wcl.config import AMP_CHOICES, check_choices, check_seeds, flatten, sections_from_dict
+from wcl.config import (
+    CHANNELS,
+    DATASETS,
+    amp_key,
+    device_key,
+    dist_backend_key,
+    download_key,
+    flatten,
+    seed_key,
+    threads_key,
+    workers_key,
+)
 from wcl.config_files import PRESET_DIR, ConfigError, preset_names, preset_path, read_config
+from wcl.config_schema import (
+    DISTINCT_COUNTS,
+    SEED,
+    check_keys,
+    key,
+    resume_ok_keys,
+    sections_from_dict,
+)
 
 __all__ = [
     "EVAL_PRESET_DIR",
@@ -30,80 +50,146 @@ __all__ = [
 ]
 
 EVAL_PRESET_DIR = PRESET_DIR / "eval"
-T = TypeVar("T")
 
 
 @dataclass
 class EvalData:
-    # What to evaluate on. None: as the checkpoint was pre-trained (its config), resolved
+    # What to evaluate on. null: as the checkpoint was pre-trained (its config), resolved
     # by wcl.eval.common.open_run before any data is read.
-    dataset: str | None = None  # fashion_mnist | cifar10 | cifar100 | stl10 | folder
-    root: str | None = None  # None: the pre-training root (or the dataset's default place)
-    download: bool = False  # opt-in torchvision download (needs internet)
-    channels: int | None = None  # None: the backbone's input channels
-    image_size: int | None = None  # crop side in pixels (train and test); None: pre-training's
-    resize: int | None = None  # test: short side before the centre crop (None: 256/224 of
-    # image_size for the ImageNet stem, else image_size)
-    stats: str | None = None  # whose mean/std normalise; None: the pre-training data set's
-    min_scale: float = 0.08  # train RandomResizedCrop lower scale
-    flip: bool = True  # train horizontal flip
-    workers: int = 2  # DataLoader worker processes
-    train_subset: int | None = None  # only the first N training images (quick runs)
-    test_subset: int | None = None  # only the first N test images
+    dataset: str | None = key(
+        None, help="data set to evaluate on (null: the pre-training one)", choices=(None, *DATASETS)
+    )
+    root: str | None = key(
+        None,
+        help="data folder (null: the pre-training root, or the data set's default place)",
+        path="absolute",
+    )
+    download: bool = download_key()
+    channels: int | None = key(
+        None, help="input channels (null: the backbone's)", choices=(None, *CHANNELS)
+    )
+    image_size: int | None = key(
+        None, help="crop side in pixels, train and test (null: the pre-training one)", bounds="> 0"
+    )
+    resize: int | None = key(
+        None,
+        help="test: short side before the centre crop (null: 256/224 of image_size for the "
+        "ImageNet stem, else image_size)",
+        bounds="> 0",
+    )
+    stats: str | None = key(
+        None,
+        help="whose mean/std normalise (null: the pre-training data set's)",
+        choices=(None, "fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet"),
+    )
+    min_scale: float = key(0.08, help="train RandomResizedCrop lower scale", bounds="in [0, 1]")
+    flip: bool = key(True, help="train horizontal flip")
+    workers: int = workers_key()
+    train_subset: int | None = key(
+        None, help="only the first N training images (quick runs)", bounds="> 0"
+    )
+    test_subset: int | None = key(None, help="only the first N test images", bounds="> 0")
 
 
 @dataclass
 class EvalRun:
-    checkpoint: str | None = None  # pre-trained weights (any file wcl can read)
-    out_dir: str | None = None  # None: <checkpoint folder>/eval/<checkpoint name>/<command>
-    device: str = "auto"  # auto | cpu | cuda
-    dist_backend: str = "auto"  # several processes: auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    amp: str = "auto"  # auto (GPU: bf16, or fp16 before compute capability 8) | bf16 | fp16 | off
-    seed: int = 0
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
-    eval_batch_size: int = 256  # batch for test passes and feature extraction
-    progress: bool = True  # tqdm progress bars
+    checkpoint: str | None = key(
+        None, help="pre-trained weights (any file wcl can read)", path="home"
+    )
+    out_dir: str | None = key(
+        None,
+        help="run directory (null: eval/NAME/COMMAND in the checkpoint's folder)",
+        path="home",
+        resume_ok=True,
+    )
+    device: str = device_key()
+    dist_backend: str = dist_backend_key()
+    amp: str = amp_key()
+    seed: int = seed_key()
+    threads: int | None = threads_key()
+    eval_batch_size: int = key(
+        256, help="batch of test passes and feature extraction", bounds="> 0", resume_ok=True
+    )
+    progress: bool = key(True, help="tqdm progress bars", resume_ok=True)
+
+
+# Keys the linear probe and fine-tuning share: one declaration each.
+_lr_scaling = partial(
+    key, "linear", help="linear: lr * batch / 256; none: lr", choices=("linear", "none")
+)
+_momentum = partial(key, 0.9, help="SGD momentum", bounds="in [0, 1]")
+_nesterov = partial(key, True, help="Nesterov momentum")
+_init_std = partial(key, 0.01, help="classifier weight ~ N(0, init_std), bias 0", bounds=">= 0")
+_eval_every = partial(
+    key, 1, help="epochs between test passes (the last epoch always)", bounds="> 0", resume_ok=True
+)
+_checkpoint_every = partial(
+    key,
+    1,
+    help="epochs between last.pt writes (the last epoch always)",
+    bounds="> 0",
+    resume_ok=True,
+)
+_batch_size = partial(key, 4096, help="global batch, all processes together", bounds="> 0")
 
 
 @dataclass
 class LinearSettings:
-    mode: str = "protocol"  # protocol (the release's) | fast (cached centre-crop features)
-    epochs: int = 80
-    batch_size: int = 4096
-    lr: float = 0.2  # base lr, scaled by lr_scaling
-    lr_scaling: str = "linear"  # linear: lr*batch/256 | none
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 0.0
-    init_std: float = 0.01  # classifier weight ~ N(0, init_std), bias 0
-    eval_every: int = 1  # epochs between test passes (the last epoch always)
-    checkpoint_every: int = 1  # epochs between last.pt writes (the last epoch always)
-    cache_features: bool = True  # fast mode: keep features-*.pt in the run directory
+    mode: str = key(
+        "protocol",
+        help="protocol: the release's; fast: cached centre-crop features, no augmentation",
+        choices=("protocol", "fast"),
+    )
+    epochs: int = key(80, help="training epochs", bounds="> 0")
+    batch_size: int = _batch_size()
+    lr: float = key(0.2, help="base learning rate, scaled by lr_scaling", bounds="> 0")
+    lr_scaling: str = _lr_scaling()
+    momentum: float = _momentum()
+    nesterov: bool = _nesterov()
+    weight_decay: float = key(0.0, help="weight decay (of the weight only)", bounds=">= 0")
+    init_std: float = _init_std()
+    eval_every: int = _eval_every()
+    checkpoint_every: int = _checkpoint_every()
+    cache_features: bool = key(True, help="fast mode: keep features-*.pt in the run directory")
 
 
 @dataclass
 class KnnSettings:
-    k: list = field(default_factory=lambda: [200, 20])  # neighbour counts, one result each
-    temperature: float = 0.07  # vote weight exp(similarity / temperature)
-    chunk: int = 1024  # queries per similarity block (memory: chunk x train images)
-    cache_features: bool = True  # keep features-*.pt in the run directory
+    k: list = key(
+        help="neighbour counts, one result each",
+        bounds=DISTINCT_COUNTS,
+        factory=lambda: [200, 20],
+    )
+    temperature: float = key(0.07, help="vote weight exp(similarity / temperature)", bounds="> 0")
+    chunk: int = key(
+        1024, help="queries per similarity block (memory: chunk x train images)", bounds="> 0"
+    )
+    cache_features: bool = key(True, help="keep features-*.pt in the run directory")
 
 
 @dataclass
 class FinetuneSettings:
-    fraction: float | None = 0.01  # labelled fraction per class (ignored with subset_file)
-    subset_file: str | None = None  # file names, one a line (the ImageNet 1%/10% lists)
-    subset_seed: int = 0  # seeds the choice of the labelled images
-    epochs: int = 60
-    batch_size: int = 4096
-    lr: float = 0.05  # base lr, scaled by lr_scaling (SimCLR: 0.05 * batch / 256)
-    lr_scaling: str = "linear"  # linear: lr*batch/256 | none
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 0.0  # biases and normalisation layers never decay
-    init_std: float = 0.01
-    eval_every: int = 1
-    checkpoint_every: int = 1
+    fraction: float | None = key(
+        0.01, help="labelled fraction per class (ignored with subset_file)", bounds="in (0, 1]"
+    )
+    subset_file: str | None = key(
+        None, help="labelled image file names, one a line (the ImageNet 1%/10% lists)", path="home"
+    )
+    subset_seed: int = key(0, help="seeds the choice of the labelled images", bounds=SEED)
+    epochs: int = key(60, help="training epochs", bounds="> 0")
+    batch_size: int = _batch_size()
+    lr: float = key(
+        0.05, help="base learning rate, scaled by lr_scaling (SimCLR: 0.05)", bounds="> 0"
+    )
+    lr_scaling: str = _lr_scaling()
+    momentum: float = _momentum()
+    nesterov: bool = _nesterov()
+    weight_decay: float = key(
+        0.0, help="weight decay (biases and normalisation layers never decay)", bounds=">= 0"
+    )
+    init_std: float = _init_std()
+    eval_every: int = _eval_every()
+    checkpoint_every: int = _checkpoint_every()
 
 
 @dataclass
@@ -138,67 +224,14 @@ class FinetuneConfig:
 
 KINDS: dict[str, type] = {"linear": LinearConfig, "knn": KnnConfig, "finetune": FinetuneConfig}
 
-_CHOICES = {
-    "data.dataset": (None, "fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
-    "data.stats": (None, "fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet"),
-    "data.channels": (None, 1, 3),
-    "run.device": ("auto", "cpu", "cuda"),
-    "run.dist_backend": ("auto", "nccl", "gloo"),
-    "run.amp": AMP_CHOICES,
-    "linear.mode": ("protocol", "fast"),
-    "linear.lr_scaling": ("linear", "none"),
-    "finetune.lr_scaling": ("linear", "none"),
-}
-_POSITIVE = [
-    "data.image_size",
-    "data.resize",
-    "data.train_subset",
-    "data.test_subset",
-    "run.threads",
-    "run.eval_batch_size",
-    "linear.epochs",
-    "linear.batch_size",
-    "linear.lr",
-    "linear.eval_every",
-    "linear.checkpoint_every",
-    "knn.temperature",
-    "knn.chunk",
-    "finetune.epochs",
-    "finetune.batch_size",
-    "finetune.lr",
-    "finetune.eval_every",
-    "finetune.checkpoint_every",
-]
-_NON_NEGATIVE = [
-    "data.workers",
-    "linear.weight_decay",
-    "linear.init_std",
-    "finetune.weight_decay",
-    "finetune.init_std",
-]
-_UNIT = ["data.min_scale", "linear.momentum", "finetune.momentum"]
+
+def may_change_on_resume(kind: str) -> set[str]:
+    """The keys of the ``kind`` config that may differ between a run and its resumption."""
+    return set(resume_ok_keys(KINDS[kind]))
 
 
-def _validate(flat: dict[str, Any]) -> None:
-    def check(key: str, ok: bool, need: str) -> None:
-        if key in flat and flat[key] is not None and not ok:
-            raise ConfigError(f"config key {key!r} must be {need}, got {flat[key]!r}")
-
-    check_choices(flat, _CHOICES)
-    check_seeds(flat, ["run.seed", "finetune.subset_seed"])
-    for key in _POSITIVE:
-        check(key, flat.get(key) is None or flat[key] > 0, "> 0")
-    for key in _NON_NEGATIVE:
-        check(key, flat.get(key) is None or flat[key] >= 0, ">= 0")
-    for key in _UNIT:
-        check(key, flat.get(key) is None or 0 <= flat[key] <= 1, "in [0, 1]")
-    ks = flat.get("knn.k")
-    if ks is not None and (
-        not ks or not all(type(k) is int and k > 0 for k in ks) or len(set(ks)) != len(ks)
-    ):
-        raise ConfigError(f"config key 'knn.k' must be a list of distinct ints > 0, got {ks!r}")
-    if flat.get("finetune.fraction") is not None:
-        check("finetune.fraction", 0 < flat["finetune.fraction"] <= 1, "in (0, 1]")
+def _validate(flat: dict[str, Any], cls: type) -> None:
+    check_keys(flat, cls)
     if "finetune.fraction" in flat and not (
         flat["finetune.fraction"] or flat["finetune.subset_file"]
     ):
@@ -227,7 +260,7 @@ def config_from_dict(kind: str, raw: dict[str, Any]) -> Any:
         raw = {**raw, "knn": {**knn, "k": [knn["k"]]}}  # `--set knn.k=20` means [20]
     cfg = sections_from_dict(KINDS[kind], raw)
     flat = flatten(cfg.to_dict())
-    _validate(flat)
+    _validate(flat, KINDS[kind])
     return cfg
 
 
