@@ -32,7 +32,6 @@ from wcl import dist
 from wcl.checkpoint import save_checkpoint
 from wcl.data import collate_readable, sample_seed
 from wcl.eval.features import autocast
-from wcl.eval.shards import sum_over_processes
 from wcl.optim import lr_at
 from wcl.run import grad_scaler
 
@@ -173,11 +172,10 @@ def evaluate(
             count += len(y)
     finally:
         model.train(was_training)
-    # One collective for all four sums; float64 keeps the counts exact.
+    # One collective for all four sums; float64 holds counts below 2**53 exactly.
     local = torch.cat([hits.double(), loss.double().view(1), hits.new_tensor([count]).double()])
-    top1_hits, top5_hits, loss_sum, total = sum_over_processes(local).tolist()
-    # Counts are whole numbers; the mean-times-W round trip may leave 1e-13 of dust.
-    top1_hits, top5_hits, images = round(top1_hits), round(top5_hits), round(total)
+    top1_sum, top5_sum, loss_sum, count_sum = dist.all_reduce_sum(local).tolist()
+    top1_hits, top5_hits, images = int(top1_sum), int(top5_sum), int(count_sum)
     total = max(images, 1)
     return {
         "top1": 100.0 * top1_hits / total,
@@ -273,12 +271,12 @@ def fit(
         epoch += 1
         # The same figure on every process, so that all of them raise (or not) below.
         local = torch.stack([loss_sum.double(), loss_sum.new_tensor(seen, dtype=torch.float64)])
-        loss_total, seen_total = sum_over_processes(local).tolist()
+        loss_total, seen_total = dist.all_reduce_sum(local).tolist()
         row: dict[str, Any] = {
             "epoch": epoch,
             "step": step,
             "lr": lr,
-            "loss": loss_total / max(round(seen_total), 1),
+            "loss": loss_total / max(int(seen_total), 1),
             "seconds": time.perf_counter() - tick,
         }
         if not math.isfinite(row["loss"]):
