@@ -1,12 +1,13 @@
 """Linear evaluation: a linear classifier on the frozen backbone's features.
 
-``protocol`` mode is the release's protocol (shared REFERENCE.md): the backbone is frozen
-and in eval mode (BatchNorm uses its running statistics); one Linear(C, classes) with
-weight ~ N(0, 0.01) and bias 0; SGD with Nesterov momentum 0.9, no weight decay,
-lr = 0.2 * batch / 256, cosine decay to 0 per iteration, 80 epochs; every training image
-is freshly augmented (RandomResizedCrop + flip) and passes through the backbone every
-epoch; the test images get Resize(256) + CenterCrop(224). Top-1 and top-5 of the final
-epoch and of the best one are reported (the release reports the best top-1).
+``protocol`` mode is the release's protocol (docs/design.md; the preset
+``src/wcl/configs/eval/linear-imagenet.yaml``): the backbone is frozen and in eval mode
+(BatchNorm uses its running statistics); one Linear(C, classes) with weight ~ N(0, 0.01)
+and bias 0; SGD with Nesterov momentum 0.9, no weight decay, lr = 0.2 * batch / 256,
+cosine decay to 0 per iteration, 80 epochs; every training image is freshly augmented
+(RandomResizedCrop + flip) and passes through the backbone every epoch; the test images
+get Resize(256) + CenterCrop(224). Top-1 and top-5 of the final epoch and of the best one
+are reported (the release reports the best top-1).
 
 ``fast`` mode is NOT the paper's protocol: the features of the centre-cropped training
 images are extracted once and the same classifier, optimiser and schedule are trained on
