@@ -121,17 +121,19 @@ def test_fit_scales_float16_losses_and_resumes_with_the_scale(tmp_path):
         model = torch.nn.Linear(16, 4)
         model.load_state_dict(start)
         run_dir.mkdir(exist_ok=True)
-        recipe = Recipe(epochs=3, peak_lr=0.01)
+        recipe = Recipe(
+            epochs=3, steps_per_epoch=4, peak_lr=0.01, amp=amp, run_dir=run_dir, progress=False
+        )
 
         def report(history, done):
             if len(history) == stop_after:
                 raise Stop
 
         with contextlib.suppress(Stop):
-            fit(model, model, recipe, recipe.optimizer(model.parameters()),
-                lambda epoch: tensor_batches(x * gain, y, 16, 0, epoch), 4,
-                lambda: evaluate(model, [(x * gain, y)], cpu, amp), run_dir, cpu, amp=amp,
-                state=state, report=report, progress=False)  # fmt: skip
+            fit(recipe, model=model, saved=model,
+                batches_for=lambda epoch: tensor_batches(x * gain, y, 16, 0, epoch),
+                test=lambda: evaluate(model, [(x * gain, y)], cpu, amp),
+                state=state, report=report)  # fmt: skip
         return model
 
     whole = train(torch.float16, tmp_path / "whole")

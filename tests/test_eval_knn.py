@@ -54,7 +54,7 @@ def data():
 def test_predictions_equal_brute_force(data, k, chunk):
     train, labels, queries = data
     expected, voted = brute_force(train, labels, queries, k, 0.07, 7)
-    got = knn_predict(train, labels, queries, k=k, t=0.07, num_classes=7, chunk=chunk)
+    got = knn_predict(train, labels, queries, ks=[k], t=0.07, num_classes=7, chunk=chunk)[k]
     assert got.shape == (37, 5)
     for row_got, row_expected, m in zip(got, expected, voted, strict=True):
         # Classes without a vote all score 0, so only the voted ranks have an order.

@@ -33,8 +33,8 @@ __all__ = [
     "gather",
     "gather_no_grad",
     "all_reduce_mean",
+    "all_reduce_sum",
     "max_over_processes",
-    "broadcast_object",
     "sync_batchnorm",
     "barrier",
     "shutdown",
@@ -166,13 +166,20 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over processes (a copy; the input is untouched)."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over processes, in its dtype (a copy; the input is untouched)."""
     if not is_distributed():
         return x
     y = x.detach().clone()
     tdist.all_reduce(y, op=tdist.ReduceOp.SUM)
-    return y / world_size()
+    return y
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over processes (a copy; the input is untouched)."""
+    if not is_distributed():
+        return x
+    return all_reduce_sum(x) / world_size()
 
 
 _control: list = []  # the gloo group for host-side flags, created on first use
@@ -192,15 +199,6 @@ def max_over_processes(value: int) -> int:
     box = torch.tensor([value], dtype=torch.long)
     tdist.all_reduce(box, op=tdist.ReduceOp.MAX, group=_control[0])
     return int(box.item())
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Rank ``src``'s Python object on every process."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 class _CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -28,21 +28,13 @@ from torch.utils.data import Dataset, Subset
 from wcl import dist
 from wcl.config import ConfigError
 from wcl.data import ImageFolderDataset, sample_seed
-from wcl.eval.common import (
-    finish_run,
-    log_broken_files,
-    open_run,
-    skipped_images,
-    start_run,
-    write_results,
-)
+from wcl.eval.common import log_broken_files, open_run, start_run
 from wcl.eval.config import FinetuneConfig
 from wcl.eval.data import MapImages, dataset_targets, eval_transform, load_splits, train_transform
-from wcl.eval.features import file_identity
 from wcl.eval.linear import linear_classifier
-from wcl.eval.loop import Recipe, epoch_loader, evaluate, evaluation_loader, fit, summarise
+from wcl.eval.loop import epoch_loader, evaluate, evaluation_loader, fit
 from wcl.eval.shards import local_batch, shard, train_sampler, wrap_ddp
-from wcl.optim import param_groups
+from wcl.eval.supervised import SupervisedResults, supervised_recipe
 
 __all__ = ["Classifier", "balanced_subset", "finetune", "subset_from_file"]
 
@@ -160,15 +152,14 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
     sampler = train_sampler(labelled, run.seed, drop_last=True)
     per_process = min(per_process, len(sampler))  # a batch above the subset: one step
     batch = per_process * world  # the global batch actually used, min(batch_size, n) for W=1
-    scale = batch / 256 if s.lr_scaling == "linear" else 1.0
-    recipe = Recipe(
-        s.epochs,
-        s.lr * scale,
-        s.momentum,
-        s.nesterov,
-        s.weight_decay,
-        s.eval_every,
-        s.checkpoint_every,
+    recipe = supervised_recipe(
+        s,
+        setup,
+        batch=batch,
+        steps_per_epoch=len(sampler) // per_process,
+        amp=setup.amp,
+        progress=run.progress,
+        desc="finetune",
     )
     torch.manual_seed(run.seed)  # the same initial head on every process
     fc = linear_classifier(setup.backbone.spec.feature_dim, splits.num_classes, s.init_std)
@@ -177,7 +168,6 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
     model = Classifier(setup.backbone.module, fc)
     model = dist.sync_batchnorm(model, device).to(device, memory_format=layout)
     net = wrap_ddp(model)
-    optimizer = recipe.optimizer(param_groups(model, s.weight_decay))
     pin = device.type == "cuda"
     test_set = shard(MapImages(splits.test, eval_transform(cfg.data, setup.channels)))
 
@@ -195,37 +185,17 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
         "test_images": len(splits.test),
     }
 
-    def report(history: list[dict[str, Any]], done: bool) -> None:
-        info["skipped_images"] = skipped_images(setup, splits, history)
-        write_results(setup, cfg, "finetune", {**summarise(history), "complete": done, **info})
-
+    out = SupervisedResults(setup, cfg, "finetune", splits, info)
     history = fit(
-        net,
-        model,
         recipe,
-        optimizer,
-        lambda epoch: epoch_loader(
+        model=net,
+        saved=model,
+        batches_for=lambda epoch: epoch_loader(
             labelled, sampler, per_process, epoch, cfg.data.workers, True, pin
         ),
-        len(sampler) // per_process,
-        test,
-        setup.run_dir,
-        device,
-        amp=setup.amp,
+        test=test,
         state=setup.state,
-        extra={
-            "kind": "finetune",
-            "config": cfg.to_dict(),
-            "backbone": setup.backbone.spec.to_dict(),
-            "pretrained": file_identity(cfg.run.checkpoint),
-            "num_classes": splits.num_classes,
-        },
-        report=report,
-        progress=run.progress,
-        desc="finetune",
+        extra=out.checkpoint_extra(),
+        report=out.report,
     )
-    info["skipped_images"] = skipped_images(setup, splits, history)
-    results = {**summarise(history), "complete": True, **info, "history": history}
-    write_results(setup, cfg, "finetune", results)
-    finish_run(setup)
-    return results
+    return out.finish(history)

@@ -10,7 +10,7 @@ is 1.3 GB more, which fits one GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,17 +33,9 @@ from wcl.eval.common import (
 from wcl.eval.config import KnnConfig
 from wcl.eval.data import load_splits
 from wcl.eval.features import extract_features
-from wcl.eval.shards import my_share, shard, sum_over_processes
+from wcl.eval.shards import my_share, shard
 
-__all__ = [
-    "knn_accuracies",
-    "knn_accuracy",
-    "knn_eval",
-    "knn_hits",
-    "knn_monitor",
-    "knn_predict",
-    "knn_scores",
-]
+__all__ = ["knn_accuracies", "knn_accuracy", "knn_eval", "knn_monitor", "knn_predict"]
 
 
 def _check(train_labels: torch.Tensor, num_classes: int, k: int, n: int) -> None:
@@ -55,102 +47,75 @@ def _check(train_labels: torch.Tensor, num_classes: int, k: int, n: int) -> None
         raise ValueError(f"k must be in 1..{n} (the training features), got {k}")
 
 
-def knn_scores(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    query_feats: torch.Tensor,
-    k: int | Sequence[int],
-    t: float,
-    num_classes: int,
-    chunk: int = 1024,
-    normalized: bool = False,
-) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
-    """Yield ``(start, {k: class scores (chunk, num_classes) float32})`` block by block.
-
-    The bank (``train_feats`` (N, D), ``train_labels`` (N,) int64 in 0..num_classes-1)
-    stays where it is; each block of queries is moved to its device. One top-k (the largest
-    k) serves every k asked for, since the top-20 are the first 20 of the top-200.
-    ``normalized`` says the features are already unit rows (saves a copy of the bank).
-    """
-    ks = [k] if isinstance(k, int) else list(k)
-    n = train_feats.shape[0]
-    for each in ks:
-        _check(train_labels, num_classes, each, n)
-    if chunk <= 0:
-        raise ValueError(f"chunk must be > 0, got {chunk}")
-    device = train_feats.device
-    bank = train_feats if normalized else F.normalize(train_feats, dim=1)
-    labels = train_labels.to(device)
-    k_max = max(ks)
-    for start in range(0, query_feats.shape[0], chunk):
-        q = query_feats[start : start + chunk].to(device, bank.dtype)
-        if not normalized:
-            q = F.normalize(q, dim=1)
-        sims, index = (q @ bank.T).topk(k_max, dim=1)  # sorted, most similar first
-        weights = (sims.float() / t).exp()
-        votes = labels[index]
-        out = {}
-        for each in ks:
-            scores = torch.zeros(len(q), num_classes, device=device)
-            out[each] = scores.scatter_add_(1, votes[:, :each], weights[:, :each])
-        yield start, out
-
-
+@torch.no_grad()
 def knn_predict(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
     query_feats: torch.Tensor,
-    k: int = 200,
-    t: float = 0.07,
-    num_classes: int | None = None,
-    chunk: int = 1024,
-) -> torch.Tensor:
-    """Predicted classes (Q, min(5, num_classes)) int64 on the CPU, best first."""
-    num_classes = num_classes or int(train_labels.max()) + 1
-    top = min(5, num_classes)
-    preds = [
-        scores[k].topk(top, dim=1).indices.cpu()
-        for _, scores in knn_scores(
-            train_feats, train_labels, query_feats, k, t, num_classes, chunk
-        )
-    ]
-    return torch.cat(preds) if preds else torch.empty(0, top, dtype=torch.int64)
-
-
-@torch.no_grad()
-def knn_hits(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_labels: torch.Tensor,
-    ks: Sequence[int] = (200, 20),
+    ks: Sequence[int] = (200,),
     t: float = 0.07,
     num_classes: int | None = None,
     chunk: int = 1024,
     normalized: bool = False,
 ) -> dict[int, torch.Tensor]:
-    """{k: (top-1 hits, top-5 hits) int64 (2,) on the CPU} of the queries, for several k.
+    """{k: classes ranked by weighted-kNN score, best first} for every k in ``ks``: each
+    (Q, min(5, num_classes)) int64 on the CPU, from one similarity pass.
 
-    Counts rather than percentages, so that shares of a test set can be added up.
+    The bank (``train_feats`` (N, D), ``train_labels`` (N,) int64 in 0..num_classes-1;
+    ``num_classes`` None: the largest label + 1) stays where it is; ``chunk`` queries of
+    ``query_feats`` (Q, D) at a time are moved to its device. ``normalized``: the features
+    are unit rows already (no normalised copy of the bank).
     """
-    num_classes = num_classes or max(int(train_labels.max()), int(test_labels.max())) + 1
+    num_classes = num_classes or int(train_labels.max()) + 1
+    n = train_feats.shape[0]
+    for k in ks:
+        _check(train_labels, num_classes, k, n)
+    if chunk <= 0:
+        raise ValueError(f"chunk must be > 0, got {chunk}")
+    device = train_feats.device
+    bank = train_feats if normalized else F.normalize(train_feats, dim=1)
+    labels = train_labels.to(device)
     top = min(5, num_classes)
-    correct = {k: torch.zeros(2, dtype=torch.int64) for k in ks}
-    test_labels = test_labels.cpu()
-    for start, blocks in knn_scores(
-        train_feats, train_labels, test_feats, ks, t, num_classes, chunk, normalized
-    ):
-        for k, scores in blocks.items():
-            pred = scores.topk(top, dim=1).indices.cpu()
-            hit = pred == test_labels[start : start + len(pred), None]
-            correct[k] += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()])
-    return correct
+    ranked = {k: torch.empty(len(query_feats), top, dtype=torch.int64) for k in ks}
+    for start in range(0, len(query_feats), chunk):
+        q = query_feats[start : start + chunk].to(device, bank.dtype)
+        if not normalized:
+            q = F.normalize(q, dim=1)
+        # One top-k (the largest k) serves every k: the top-20 are the first 20 of the top-200.
+        sims, index = (q @ bank.T).topk(max(ks), dim=1)  # sorted, most similar first
+        weights = (sims.float() / t).exp()
+        votes = labels[index]
+        for k, out in ranked.items():
+            scores = torch.zeros(len(q), num_classes, device=device)
+            scores.scatter_add_(1, votes[:, :k], weights[:, :k])
+            out[start : start + len(q)] = scores.topk(top, dim=1).indices.cpu()
+    return ranked
 
 
-def _percent(hits: dict[int, torch.Tensor], n: int) -> dict[int, dict[str, float]]:
-    n = max(n, 1)
+def _accuracies(
+    ranked: dict[int, torch.Tensor],
+    labels: torch.Tensor,
+    device: torch.device | None = None,
+) -> dict[int, dict[str, float]]:
+    """{k: {"top1": %, "top5": %}} of :func:`knn_predict`'s ranked classes against the
+    true ``labels`` (Q,): the true class ranked first, or among the ranked (top 5).
+
+    ``device`` (the process group's: a GPU for NCCL) when each process holds a share of
+    the queries: hits and query counts are then summed over processes, so every process
+    must call this and all get the whole set's figures. None: these queries alone.
+    """
+    labels = labels.cpu()
+    counts = [len(labels)]
+    for pred in ranked.values():
+        hit = pred == labels[:, None]
+        counts += [int(hit[:, 0].sum()), int(hit.any(dim=1).sum())]
+    totals = torch.tensor(counts, dtype=torch.int64)
+    if device is not None:  # one collective for every count
+        totals = dist.all_reduce_sum(totals.to(device)).cpu()
+    n = max(int(totals[0]), 1)
     return {
-        k: {"top1": 100.0 * int(c[0]) / n, "top5": 100.0 * int(c[1]) / n} for k, c in hits.items()
+        k: {"top1": 100.0 * int(totals[1 + 2 * i]) / n, "top5": 100.0 * int(totals[2 + 2 * i]) / n}
+        for i, k in enumerate(ranked)
     }
 
 
@@ -167,13 +132,15 @@ def knn_accuracies(
 ) -> dict[int, dict[str, float]]:
     """{k: {"top1": %, "top5": %}} for several k from one similarity pass.
 
-    top5 is "the true class is among the 5 best-scored" (all classes when fewer than 5).
-    ``normalized``: the features are unit rows already (no normalised copy of the bank).
+    Shapes as :func:`knn_predict`'s, with ``test_labels`` (Q,) int64; ``num_classes``
+    None: the largest label of either set + 1. top5 is "the true class is among the 5
+    best-scored" (all classes when fewer than 5).
     """
-    hits = knn_hits(
-        train_feats, train_labels, test_feats, test_labels, ks, t, num_classes, chunk, normalized
+    num_classes = num_classes or max(int(train_labels.max()), int(test_labels.max())) + 1
+    ranked = knn_predict(
+        train_feats, train_labels, test_feats, ks, t, num_classes, chunk, normalized
     )
-    return _percent(hits, len(test_labels))
+    return _accuracies(ranked, test_labels)
 
 
 def knn_accuracy(
@@ -237,10 +204,9 @@ def knn_monitor(
     # The same class count on every process, whatever labels its share of queries holds.
     top = max(int(labels.max()), int(test_labels.max()) if len(test_labels) else 0)
     num_classes = dist.max_over_processes(top) + 1
-    hits = knn_hits(feats.to(device), labels, test_feats, test_labels, [k], t, num_classes, chunk)
+    ranked = knn_predict(feats.to(device), labels, test_feats, [k], t, num_classes, chunk)
     # Broken files have no row: the denominator is the queries scored, over all processes.
-    scored = int(sum_over_processes(torch.tensor(len(test_labels), device=device)))
-    return _percent({k: sum_over_processes(hits[k].to(device)).long().cpu()}, scored)[k]
+    return _accuracies(ranked, test_labels, device)[k]
 
 
 def knn_eval(cfg: KnnConfig) -> dict[str, Any]:
@@ -268,19 +234,19 @@ def knn_eval(cfg: KnnConfig) -> dict[str, Any]:
     # The bank goes to the device once; queries follow chunk by chunk.
     bank = F.normalize(train_x.to(setup.device), dim=1)
     mine = torch.tensor(my_share(len(test_y)), dtype=torch.int64)
-    hits = knn_hits(
+    ranked = knn_predict(
         bank,
         train_y,
         F.normalize(test_x[mine], dim=1),
-        test_y[mine],
         cfg.knn.k,
         cfg.knn.temperature,
         splits.num_classes,
         cfg.knn.chunk,
         normalized=True,
     )
-    hits = {k: sum_over_processes(h.to(setup.device)).long().cpu() for k, h in hits.items()}
-    results: dict[str, Any] = {f"k{k}": acc for k, acc in _percent(hits, len(test_y)).items()}
+    # Each process scored its share of the queries; the hits are summed over processes.
+    accuracies = _accuracies(ranked, test_y[mine], setup.device)
+    results: dict[str, Any] = {f"k{k}": acc for k, acc in accuracies.items()}
     results |= {
         "run_dir": str(setup.run_dir),
         "temperature": cfg.knn.temperature,

@@ -1,12 +1,13 @@
 """Linear evaluation: a linear classifier on the frozen backbone's features.
 
-``protocol`` mode is the release's protocol (shared REFERENCE.md): the backbone is frozen
-and in eval mode (BatchNorm uses its running statistics); one Linear(C, classes) with
-weight ~ N(0, 0.01) and bias 0; SGD with Nesterov momentum 0.9, no weight decay,
-lr = 0.2 * batch / 256, cosine decay to 0 per iteration, 80 epochs; every training image
-is freshly augmented (RandomResizedCrop + flip) and passes through the backbone every
-epoch; the test images get Resize(256) + CenterCrop(224). Top-1 and top-5 of the final
-epoch and of the best one are reported (the release reports the best top-1).
+``protocol`` mode is the release's protocol (docs/design.md; the preset
+``src/wcl/configs/eval/linear-imagenet.yaml``): the backbone is frozen and in eval mode
+(BatchNorm uses its running statistics); one Linear(C, classes) with weight ~ N(0, 0.01)
+and bias 0; SGD with Nesterov momentum 0.9, no weight decay, lr = 0.2 * batch / 256,
+cosine decay to 0 per iteration, 80 epochs; every training image is freshly augmented
+(RandomResizedCrop + flip) and passes through the backbone every epoch; the test images
+get Resize(256) + CenterCrop(224). Top-1 and top-5 of the final epoch and of the best one
+are reported (the release reports the best top-1).
 
 ``fast`` mode is NOT the paper's protocol: the features of the centre-cropped training
 images are extracted once and the same classifier, optimiser and schedule are trained on
@@ -24,27 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from wcl import dist
-from wcl.eval.common import (
-    finish_run,
-    log_broken_files,
-    open_run,
-    skipped_images,
-    split_features,
-    start_run,
-    write_results,
-)
+from wcl.eval.common import log_broken_files, open_run, split_features, start_run
 from wcl.eval.config import LinearConfig
 from wcl.eval.data import MapImages, eval_transform, load_splits, train_transform
-from wcl.eval.features import file_identity
-from wcl.eval.loop import (
-    Recipe,
-    epoch_loader,
-    evaluate,
-    evaluation_loader,
-    fit,
-    summarise,
-    tensor_batches,
-)
+from wcl.eval.loop import Recipe, epoch_loader, evaluate, evaluation_loader, fit, tensor_batches
 from wcl.eval.shards import (
     local_batch,
     my_share,
@@ -53,7 +37,8 @@ from wcl.eval.shards import (
     train_sampler,
     wrap_ddp,
 )
-from wcl.optim import param_groups
+from wcl.eval.supervised import SupervisedResults, supervised_recipe
+from wcl.optim import scaled_lr
 
 __all__ = ["LinearProbe", "linear_classifier", "linear_eval", "train_linear_on_features"]
 
@@ -90,19 +75,6 @@ class LinearProbe(nn.Module):
             return self.fc(feats.float())
 
 
-def _recipe(s: Any, batch: int) -> Recipe:
-    scale = batch / 256 if s.lr_scaling == "linear" else 1.0
-    return Recipe(
-        epochs=s.epochs,
-        peak_lr=s.lr * scale,
-        momentum=s.momentum,
-        nesterov=s.nesterov,
-        weight_decay=s.weight_decay,
-        eval_every=s.eval_every,
-        checkpoint_every=s.checkpoint_every,
-    )
-
-
 def train_linear_on_features(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -126,18 +98,26 @@ def train_linear_on_features(
     """
     torch.manual_seed(seed)
     fc = linear_classifier(train_feats.shape[1], num_classes, init_std).to(train_feats.device)
-    recipe = Recipe(epochs, lr * batch_size / 256, momentum, nesterov, weight_decay, epochs, epochs)
-    fit(
-        fc,
-        fc,
-        recipe,
-        recipe.optimizer(param_groups(fc, weight_decay)),
-        lambda epoch: tensor_batches(train_feats, train_labels, batch_size, seed, epoch),
-        math.ceil(len(train_feats) / batch_size),
-        lambda: {},
-        None,
-        train_feats.device,
+    recipe = Recipe(
+        epochs=epochs,
+        steps_per_epoch=math.ceil(len(train_feats) / batch_size),
+        peak_lr=scaled_lr(lr, batch_size, "linear"),
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        eval_every=epochs,
+        checkpoint_every=epochs,
+        device=train_feats.device,
         progress=False,
+    )
+    fit(
+        recipe,
+        model=fc,
+        saved=fc,
+        batches_for=lambda epoch: tensor_batches(
+            train_feats, train_labels, batch_size, seed, epoch
+        ),
+        test=lambda: {},
     )
     return fc
 
@@ -160,7 +140,6 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
     start_run(setup, cfg)
     log_broken_files(setup, splits)
     batch = min(s.batch_size, len(splits.train))
-    recipe = _recipe(s, batch)
     torch.manual_seed(run.seed)  # the same initial classifier on every process
     fc = linear_classifier(setup.backbone.spec.feature_dim, splits.num_classes, s.init_std)
     fc = fc.to(device)
@@ -175,7 +154,7 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
     if s.mode == "fast":
         feats = split_features(cfg, setup, splits, s.cache_features)
         (train_x, train_y), (test_x, test_y) = ((f.to(device), t.to(device)) for f, t in feats)
-        used = {"train_rows": len(train_y), "test_rows": len(test_y)}
+        rows = {"train_rows": len(train_y), "test_rows": len(test_y)}
         # Broken files have no feature row: the sampler covers the readable ones.
         sampler = train_sampler(range(len(train_y)), run.seed, drop_last=False)
         per_process = min(per_process, len(sampler))
@@ -194,7 +173,7 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
             batches = zip(test_x.split(size), test_y.split(size), strict=True)
             return evaluate(fc, batches, device)
     else:
-        used = {}
+        rows = {}
         # channels_last: the faster convolution layout on GPUs and, with oneDNN, on CPUs.
         layout = torch.channels_last
         backbone = setup.backbone.module.to(device, memory_format=layout)
@@ -213,13 +192,9 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
             loader = evaluation_loader(test_set, run.eval_batch_size, cfg.data.workers, pin)
             return evaluate(probe, loader, device, amp, run.progress)
 
-    extra = {
-        "kind": command,
-        "config": cfg.to_dict(),
-        "backbone": setup.backbone.spec.to_dict(),
-        "pretrained": file_identity(cfg.run.checkpoint),
-        "num_classes": splits.num_classes,
-    }
+    recipe = supervised_recipe(
+        s, setup, batch=batch, steps_per_epoch=steps, amp=amp, progress=run.progress, desc="linear"
+    )
     info = {
         "run_dir": str(setup.run_dir),
         "mode": s.mode,
@@ -230,30 +205,15 @@ def linear_eval(cfg: LinearConfig, resume: str | None = None) -> dict[str, Any]:
         "train_images": len(splits.train),
         "test_images": len(splits.test),
     }
-
-    def report(history: list[dict[str, Any]], done: bool) -> None:
-        info["skipped_images"] = skipped_images(setup, splits, history, **used)
-        write_results(setup, cfg, command, {**summarise(history), "complete": done, **info})
-
+    out = SupervisedResults(setup, cfg, command, splits, info, rows)
     history = fit(
-        model,
-        fc,
         recipe,
-        recipe.optimizer(param_groups(fc, s.weight_decay)),
-        batches_for,
-        steps,
-        test,
-        setup.run_dir,
-        device,
-        amp=amp,
+        model=model,
+        saved=fc,
+        batches_for=batches_for,
+        test=test,
         state=setup.state,
-        extra=extra,
-        report=report,
-        progress=run.progress,
-        desc="linear",
+        extra=out.checkpoint_extra(),
+        report=out.report,
     )
-    info["skipped_images"] = skipped_images(setup, splits, history, **used)
-    results = {**summarise(history), "complete": True, **info, "history": history}
-    write_results(setup, cfg, command, results)
-    finish_run(setup)
-    return results
+    return out.finish(history)

@@ -32,8 +32,7 @@ from wcl import dist
 from wcl.checkpoint import save_checkpoint
 from wcl.data import collate_readable, sample_seed
 from wcl.eval.features import autocast
-from wcl.eval.shards import sum_over_processes
-from wcl.optim import lr_at
+from wcl.optim import lr_at, param_groups
 from wcl.run import grad_scaler
 
 __all__ = [
@@ -49,26 +48,53 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
-    """How to train: epochs, peak lr (already batch-scaled), SGD settings, cadence."""
+    """How :func:`fit` trains: SGD (optionally Nesterov) with a per-iteration cosine from
+    ``peak_lr`` to 0 over ``epochs * steps_per_epoch`` steps, where it runs, and when it
+    tests and checkpoints.
+
+    ``peak_lr`` is already scaled for the batch (:func:`wcl.optim.scaled_lr`);
+    ``steps_per_epoch`` counts this process's batches (the same on every process).
+    ``weight_decay`` applies to weights, never to biases or normalisation layers
+    (:func:`wcl.optim.param_groups`). ``amp``: autocast dtype, None for float32.
+    ``run_dir``: where ``last.pt`` is written, None for nowhere. ``desc`` names the
+    progress bars and the per-epoch lines.
+    """
 
     epochs: int
+    steps_per_epoch: int
     peak_lr: float
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 0.0
     eval_every: int = 1
     checkpoint_every: int = 1
+    device: torch.device = torch.device("cpu")
+    amp: torch.dtype | None = None
+    run_dir: Path | None = None
+    progress: bool = True
+    desc: str = "train"
 
-    def optimizer(self, params: Iterable) -> torch.optim.SGD:
+    def optimizer(self, module: nn.Module) -> torch.optim.SGD:
+        """SGD over ``module``'s trainable parameters, at ``peak_lr``."""
         # Nesterov needs a momentum > 0 in torch; momentum 0 means plain SGD.
         return torch.optim.SGD(
-            params,
+            param_groups(module, self.weight_decay),
             lr=self.peak_lr,
             momentum=self.momentum,
             nesterov=self.nesterov and self.momentum > 0,
             weight_decay=self.weight_decay,
+        )
+
+    def tests_after(self, epoch: int) -> bool:
+        """Whether the test pass runs after ``epoch`` (1-based; the last always)."""
+        return epoch % self.eval_every == 0 or epoch == self.epochs
+
+    def saves_after(self, epoch: int) -> bool:
+        """Whether ``last.pt`` is written after ``epoch`` (1-based; the last always)."""
+        return self.run_dir is not None and (
+            epoch % self.checkpoint_every == 0 or epoch == self.epochs
         )
 
 
@@ -173,11 +199,10 @@ def evaluate(
             count += len(y)
     finally:
         model.train(was_training)
-    # One collective for all four sums; float64 keeps the counts exact.
+    # One collective for all four sums; float64 holds counts below 2**53 exactly.
     local = torch.cat([hits.double(), loss.double().view(1), hits.new_tensor([count]).double()])
-    top1_hits, top5_hits, loss_sum, total = sum_over_processes(local).tolist()
-    # Counts are whole numbers; the mean-times-W round trip may leave 1e-13 of dust.
-    top1_hits, top5_hits, images = round(top1_hits), round(top5_hits), round(total)
+    top1_sum, top5_sum, loss_sum, count_sum = dist.all_reduce_sum(local).tolist()
+    top1_hits, top5_hits, images = int(top1_sum), int(top5_sum), int(count_sum)
     total = max(images, 1)
     return {
         "top1": 100.0 * top1_hits / total,
@@ -198,114 +223,150 @@ def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def fit(
+    recipe: Recipe,
+    *,
     model: nn.Module,
     saved: nn.Module,
-    recipe: Recipe,
-    optimizer: torch.optim.Optimizer,
     batches_for: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-    steps_per_epoch: int,
     test: Callable[[], dict[str, float]],
-    run_dir: Path | None,
-    device: torch.device,
-    *,
-    amp: torch.dtype | None = None,
     state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     report: Callable[[list[dict[str, Any]], bool], None] | None = None,
-    progress: bool = True,
-    desc: str = "train",
 ) -> list[dict[str, Any]]:
-    """Train ``model`` (logits = model(x)) with cross-entropy; returns the per-epoch history.
+    """Train ``model`` (logits = model(x)) with cross-entropy as ``recipe`` says; returns
+    the per-epoch history (one dict per epoch: loss, lr, step, seconds, test metrics).
 
-    ``saved`` is the part written to ``run_dir/last.pt`` as ``model`` (e.g. only the linear
+    ``saved`` is the part that trains (the optimiser, :meth:`Recipe.optimizer`, takes its
+    trainable parameters) and is written to ``last.pt`` as ``model`` (e.g. only the linear
     layer of a probe), with the optimiser, the float16 loss scaler, ``epoch``, ``step``,
-    ``history`` and ``extra`` (``run_dir`` None: nothing is written). ``amp`` float16
-    scales the loss (:func:`wcl.run.grad_scaler`): a step whose gradients overflow is
-    skipped.
-    ``batches_for(epoch)`` gives that epoch's training batches; ``test()`` the test
-    metrics. ``state``: a loaded ``last.pt`` to continue from. ``report(history, done)``
-    is called after every test pass (e.g. to write results.json).
+    ``history`` and ``extra``. float16 ``amp`` scales the loss
+    (:func:`wcl.run.grad_scaler`): a step whose gradients overflow is skipped.
+    ``batches_for(epoch)`` gives that epoch's training batches (images, int64 targets);
+    ``test()`` the test metrics (:func:`evaluate`). ``state``: a loaded ``last.pt`` to
+    continue from. ``report(history, done)`` is called after every test pass (e.g. to
+    write results.json).
 
     Several processes: ``model`` is the DDP wrapper, ``saved`` the module inside it, and
     ``batches_for`` gives this process's share of each global batch (the same number of
     batches on every process). The epoch's loss is summed over processes; only rank 0
     writes ``last.pt`` and shows progress, every process can resume from it.
     """
-    main = dist.is_main()
-    progress = progress and main
-    history: list[dict[str, Any]] = []
-    epoch = step = 0
-    scaler = grad_scaler(device, amp)
-    if state is not None:
-        saved.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
-    total = recipe.epochs * steps_per_epoch
+    optimizer = recipe.optimizer(saved)
+    scaler = grad_scaler(recipe.device, recipe.amp)
+    epoch, step, history = _resume(state, saved, optimizer, scaler)
     while epoch < recipe.epochs:
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        seen, tick = 0, time.perf_counter()
-        bar = tqdm(
-            batches_for(epoch),
-            total=steps_per_epoch,
-            desc=f"{desc} {epoch + 1}/{recipe.epochs}",
-            disable=not progress,
-            leave=False,
-        )
-        lr = recipe.peak_lr
-        for x, y in bar:
-            lr = lr_at(step, recipe.peak_lr, 0, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, amp):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * len(y)
-            seen += len(y)
-            step += 1
-        epoch += 1
-        # The same figure on every process, so that all of them raise (or not) below.
-        local = torch.stack([loss_sum.double(), loss_sum.new_tensor(seen, dtype=torch.float64)])
-        loss_total, seen_total = sum_over_processes(local).tolist()
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": step,
-            "lr": lr,
-            "loss": loss_total / max(round(seen_total), 1),
-            "seconds": time.perf_counter() - tick,
-        }
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"non-finite training loss in epoch {epoch}: {row}")
-        evaluated = epoch % recipe.eval_every == 0 or epoch == recipe.epochs
-        if evaluated:
-            row.update(
-                {f"test_{k}" if k in ("loss", "images") else k: v for k, v in test().items()}
-            )
+        row = _train_epoch(recipe, model, optimizer, scaler, batches_for(epoch), epoch, step)
+        epoch, step = row["epoch"], row["step"]
+        tested = recipe.tests_after(epoch)
+        if tested:
+            # The test's loss and image count get a prefix: the row has the training loss.
+            row |= {f"test_{k}" if k in ("loss", "images") else k: v for k, v in test().items()}
         history.append(row)
-        if progress:
-            shown = f" top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if evaluated else ""
-            tqdm.write(f"{desc} epoch {epoch}: loss {row['loss']:.4f}{shown}")
-        due = epoch % recipe.checkpoint_every == 0 or epoch == recipe.epochs
-        if run_dir is not None and due and main:
-            save_checkpoint(
-                {
-                    **(extra or {}),
-                    "model": saved.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch,
-                    "step": step,
-                    "history": history,
-                },
-                run_dir / "last.pt",
-            )
-        if evaluated and report is not None:
+        if recipe.progress and dist.is_main():
+            shown = f" top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if tested else ""
+            tqdm.write(f"{recipe.desc} epoch {epoch}: loss {row['loss']:.4f}{shown}")
+        if recipe.saves_after(epoch) and dist.is_main():
+            _save(recipe, saved, optimizer, scaler, history, extra)
+        if tested and report is not None:
             report(history, epoch == recipe.epochs)
     return history
+
+
+def _resume(
+    state: dict[str, Any] | None,
+    saved: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> tuple[int, int, list[dict[str, Any]]]:
+    """(epochs done, steps done, history) of ``state``, whose weights, optimiser and loss
+    scale are loaded; (0, 0, []) without one."""
+    if state is None:
+        return 0, 0, []
+    saved.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"]), int(state["step"]), list(state["history"])
+
+
+def _train_epoch(
+    recipe: Recipe,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    epoch: int,
+    step: int,
+) -> dict[str, Any]:
+    """One pass over ``batches`` (epoch ``epoch``, 0-based, from global step ``step``).
+
+    Returns the history row: {"epoch": 1-based, "step": steps done, "lr": the last
+    step's, "loss": mean cross-entropy over every process's images, "seconds"}.
+    FloatingPointError on every process when that loss is not finite.
+    """
+    device = recipe.device
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    seen, tick = 0, time.perf_counter()
+    bar = tqdm(
+        batches,
+        total=recipe.steps_per_epoch,
+        desc=f"{recipe.desc} {epoch + 1}/{recipe.epochs}",
+        disable=not (recipe.progress and dist.is_main()),
+        leave=False,
+    )
+    total = recipe.epochs * recipe.steps_per_epoch
+    lr = recipe.peak_lr
+    for x, y in bar:
+        lr = lr_at(step, recipe.peak_lr, 0, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, recipe.amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * len(y)
+        seen += len(y)
+        step += 1
+    # The same figure on every process, so that all of them raise (or not) below.
+    local = torch.stack([loss_sum.double(), loss_sum.new_tensor(seen, dtype=torch.float64)])
+    loss_total, seen_total = dist.all_reduce_sum(local).tolist()
+    row = {
+        "epoch": epoch + 1,
+        "step": step,
+        "lr": lr,
+        "loss": loss_total / max(int(seen_total), 1),
+        "seconds": time.perf_counter() - tick,
+    }
+    if not math.isfinite(row["loss"]):
+        raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}: {row}")
+    return row
+
+
+def _save(
+    recipe: Recipe,
+    saved: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    history: list[dict[str, Any]],
+    extra: dict[str, Any] | None,
+) -> None:
+    """Write ``recipe.run_dir/last.pt``: everything :func:`_resume` reads, and ``extra``."""
+    assert recipe.run_dir is not None  # recipe.saves_after says so
+    last = history[-1]
+    save_checkpoint(
+        {
+            **(extra or {}),
+            "model": saved.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": last["epoch"],
+            "step": last["step"],
+            "history": history,
+        },
+        recipe.run_dir / "last.pt",
+    )

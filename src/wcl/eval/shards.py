@@ -7,8 +7,8 @@ averages the gradients, which equals the gradient of the global batch's mean los
 
 Evaluation and feature extraction: process r takes samples r, r + W, r + 2W, ... (no
 padding, unlike DistributedSampler's), so every sample is counted exactly once; hit
-counts are summed and features are gathered back into dataset order. One process: every
-helper here is the identity.
+counts are summed (:func:`wcl.dist.all_reduce_sum`) and features are gathered back into
+dataset order. One process: every helper here is the identity.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ __all__ = [
     "my_share",
     "sampled_batches",
     "shard",
-    "sum_over_processes",
     "train_sampler",
     "wrap_ddp",
 ]
@@ -91,16 +90,6 @@ def shard(data: Dataset) -> Dataset:
     if dist.world_size() == 1:
         return data
     return Subset(data, my_share(len(data)))  # type: ignore[arg-type]
-
-
-def sum_over_processes(x: Tensor) -> Tensor:
-    """The sum of ``x`` over processes, as float64 (exact for counts below 2**53).
-
-    ``wcl.dist`` offers a mean; times W in float64 gives the sum back, rounded for
-    integer inputs so that hit counts stay exact.
-    """
-    total = dist.all_reduce_mean(x.double()) * dist.world_size()
-    return total if x.is_floating_point() else total.round()
 
 
 def gather_shards(local: Tensor, n: int, device: torch.device) -> Tensor:
