@@ -183,6 +183,22 @@ def test_convert_maps_sequential_heads_by_order(tmp_path, capsys):
             torch.testing.assert_close(state[f"{mine}.{key}"], value)
 
 
+def test_convert_refuses_non_finite_weights(tmp_path, capsys):
+    """A diverged release checkpoint is refused in one line naming the tensor; no file."""
+    torch.manual_seed(1)
+    net = build_backbone("resnet10", "small", 1, 8).state_dict()
+    net["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    heads = {}
+    for name in ("head1", "head2"):
+        head = nn.Sequential(nn.Linear(64, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 24))
+        heads[name] = head.extend([nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 12)])
+    src = release_file(tmp_path / "r.pth", net, heads)
+    assert main(["convert", str(src), str(tmp_path / "c.pt")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'backbone.layer2.0.conv1.weight' holds NaN or Inf (1 of" in err[0]
+    assert not (tmp_path / "c.pt").exists()
+
+
 def test_convert_refuses_wrong_head_structure(tmp_path):
     net = build_backbone("resnet10", "small", 1, 8)
     bad = {"head1": nn.Sequential(nn.Linear(64, 8)), "head2": nn.Sequential(nn.Linear(64, 8))}

@@ -37,7 +37,7 @@ from wcl.checkpoint import CheckpointError, save_checkpoint
 from wcl.config import Config, sections_from_dict
 from wcl.config_files import read_config
 from wcl.model import WCL
-from wcl.weights import backbone_state, infer_spec, read_weights
+from wcl.weights import backbone_state, check_finite, infer_spec, read_weights
 
 __all__ = ["HEAD_MAP", "convert_release", "convert_release_state"]
 
@@ -150,6 +150,7 @@ def convert_release(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str,
     """
     release = read_weights(src)
     state, config = convert_release_state(release)
+    check_finite(src, state, "tensor")
     m = config["model"]
     backbone = infer_spec({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
     model = WCL(backbone.build(), backbone.feature_dim, m["hidden_dim"], m["out_dim"])

@@ -40,6 +40,7 @@ __all__ = [
     "LoadedBackbone",
     "atomic_write",
     "backbone_state",
+    "check_finite",
     "infer_spec",
     "load_backbone",
     "read_weights",
@@ -208,7 +209,7 @@ def load_backbone(path: str | os.PathLike, strict: bool = True) -> LoadedBackbon
         spec = replace(spec, stem=stem)
     module = spec.build()
     _check_shapes(path, state, module.state_dict(), spec)
-    _check_finite(path, state)
+    check_finite(path, state)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise CheckpointError(
@@ -242,16 +243,18 @@ def _check_shapes(
         )
 
 
-def _check_finite(path: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> None:
-    """CheckpointError naming the first backbone tensor holding NaN or Inf: the weights of a
-    diverged or damaged run would score, embed and export as if they were fine. One pass
-    over the weights, cheap beside any evaluation."""
+def check_finite(
+    path: str | os.PathLike, state: Mapping[str, torch.Tensor], what: str = "backbone tensor"
+) -> None:
+    """CheckpointError naming the first tensor of ``state`` holding NaN or Inf: the weights
+    of a diverged or damaged run would score, embed, export and convert as if they were
+    fine. One pass over the weights, cheap beside any evaluation."""
     for key, tensor in state.items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
                 raise CheckpointError(
-                    f"{path}: backbone tensor {key!r} holds NaN or Inf ({bad} of "
+                    f"{path}: {what} {key!r} holds NaN or Inf ({bad} of "
                     f"{tensor.numel()} values); weights of a diverged or damaged run are refused"
                 )
 
