@@ -3,9 +3,9 @@
 ``python bench/batch_params.py`` times, for per-process batches of 256, 512 and 1024, the
 host work ``BatchAugment`` needs each step before any device kernel: the two views' seeds
 (``two_view_seeds``) and both views' parameters (``sample_params``). Ours (vectorised
-SplitMix64 in NumPy) against the per-sample way it replaced in session 2, written out
-here as the baseline (a NumPy ``SeedSequence`` per index, a ``torch.Generator`` reseeded
-per sample). This runs on the host every step, so on a GPU it must stay well under the
+SplitMix64 in NumPy) against the per-sample way it replaced (commit 9ace0d4), written
+out here as the baseline (a NumPy ``SeedSequence`` per index, a ``torch.Generator``
+reseeded per sample). This runs on the host every step, so on a GPU it must stay well under the
 step time or the device waits. Writes runs/bench/batch_params.json.
 """
 

@@ -1,5 +1,5 @@
 """The prepared GPU run (bench/gpu.py), rehearsed on the CPU with --dry-run, so that a
-mistake in it costs a test failure here rather than a session's GPU time."""
+mistake in it costs a test failure here rather than time on a GPU."""
 
 import json
 import math

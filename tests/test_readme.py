@@ -1,23 +1,60 @@
-"""The README's examples run as written, from a folder outside the repository: its 2-epoch
-pre-training command, then each of its Python blocks, in a fresh interpreter in the folder
-that command wrote ``runs/try`` to; and the "own images" commands on a folder of PNGs."""
+"""The examples of the README and docs/ run as written, from a folder outside the
+repository: the 2-epoch pre-training command first, then, in the folder it wrote
+``runs/try`` to, the Python API blocks and the evaluation, report, export and embed
+commands; the multi-crop command and the "own images" commands each in a folder of their
+own. Commands that would take minutes get a few ``--set`` overrides that shrink them
+(``TINY``); tests/docblocks.py finds each block by page and section heading."""
 
+import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import fields
 from pathlib import Path
-from typing import get_type_hints
 
 import pytest
+from docblocks import EVALUATION, OWN_IMAGES, WEIGHTS, block, blocks
 
 ROOT = Path(__file__).parent.parent
-README = (ROOT / "README.md").read_text()
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
-PRETRAIN_EXAMPLE = re.search(r"```sh\n(wcl pretrain [^`]*?--set train\.out_dir=runs/try)\n```",
-                             README).group(1)  # fmt: skip
+README = ROOT / "README.md"
+FASHION = ROOT / "tests" / "fixtures" / "fashion"
+WCL = str(Path(sys.executable).parent / "wcl")
+PRETRAIN_EXAMPLE = block("README.md", "Pre-training", "sh")
+
+# What the small data sets here need on top of the commands as written: batches and
+# neighbour counts that fit them, and seconds of work instead of minutes or hours.
+SUBSETS = ["data.train_subset=500", "data.test_subset=100", "data.workers=0"]
+TINY = {
+    "own-images": {
+        "pretrain": [
+            "train.batch_size=64",
+            "train.epochs=2",
+            "optim.warmup_epochs=1",
+            "data.workers=0",
+            "model.width=8",
+        ],
+        "knn-eval": ["knn.k=[10]", "data.workers=0"],
+        "linear-eval": ["linear.epochs=2", "data.workers=0"],
+    },
+    "example-run": {
+        "knn-eval": SUBSETS,
+        "linear-eval": ["linear.epochs=2", *SUBSETS],
+        "finetune": ["finetune.epochs=1", *SUBSETS],
+    },
+    "multi-crop": {
+        "pretrain": [
+            "data.subset=64",
+            "train.batch_size=32",
+            "train.epochs=1",
+            "optim.warmup_epochs=0",
+            "train.knn_every=0",
+            "model.width=8",
+            "data.workers=0",
+            "train.out_dir=runs/multicrop",
+        ],
+    },
+}
 
 
 def run(argv: list[str], cwd: Path) -> str:
@@ -26,90 +63,100 @@ def run(argv: list[str], cwd: Path) -> str:
     return done.stdout
 
 
+def commands(sh: str) -> list[list[str]]:
+    """The commands of a shell block, each as argv, comments and continuations removed."""
+    joined = sh.replace("\\\n", " ")
+    return [argv for line in joined.splitlines() if (argv := shlex.split(line, comments=True))]
+
+
+def run_commands(sh: str, cwd: Path, tiny: dict[str, list[str]] | None = None) -> None:
+    """Run a block's ``wcl`` commands with the venv's wcl, plus ``tiny``'s overrides."""
+    for argv in commands(sh):
+        assert argv[0] == "wcl", argv
+        extra = [word for key in (tiny or {}).get(argv[1], []) for word in ("--set", key)]
+        run([WCL, *argv[1:], *extra], cwd)
+
+
+def copy_fixture_images(dest: Path, per_class: slice) -> None:
+    """Fashion-MNIST PNGs of the fixture into dest/<class>/."""
+    for folder in sorted(FASHION.iterdir()):
+        (dest / folder.name).mkdir(parents=True)
+        for f in sorted(folder.glob("*.png"))[per_class]:
+            shutil.copy(f, dest / folder.name / f.name)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """An empty folder, after the README's pre-training example has run there."""
+    """An empty folder, after the 2-epoch pre-training example has run there."""
     folder = tmp_path_factory.mktemp("readme")  # nothing of the repository in it
-    wcl = Path(sys.executable).parent / "wcl"
-    argv = [str(wcl) if word == "wcl" else word for word in PRETRAIN_EXAMPLE.split()
-            if word != "\\"]  # fmt: skip
-    run(argv, folder)
-    assert (folder / "runs" / "try" / "last.pt").is_file()
+    run_commands(PRETRAIN_EXAMPLE, folder)
     return folder
 
 
-def test_the_readme_has_three_python_blocks():
-    assert len(PYTHON_BLOCKS) == 3
+def test_the_readme_opens_with_make_demo_and_make_test_and_stays_short():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 200, len(lines)
+    first = blocks("README.md")[0]
+    assert first.lang == "sh"
+    assert [line.split("#")[0].strip() for line in first.code.splitlines()] == [
+        "make demo",
+        "make test",
+    ]
+
+
+def test_the_2_epoch_example_writes_a_checkpoint(workdir):
+    # docs/pretraining.md shows the README's command; running one runs both.
+    assert block("docs/pretraining.md", "Pre-training: `wcl pretrain`", "sh") == PRETRAIN_EXAMPLE
+    assert (workdir / "runs" / "try" / "last.pt").is_file()
 
 
 def test_loading_a_trained_backbone(workdir):
-    out = run([sys.executable, "-c", PYTHON_BLOCKS[1]], workdir)
+    code = block("docs/python-api.md", "A trained backbone in plain PyTorch", "python")
+    out = run([sys.executable, "-c", code], workdir)
     assert "BackboneSpec(name='resnet10', stem='small-s2', in_channels=1, width=32)" in out
 
 
-def test_wcl_steps_in_your_own_loop(workdir):
-    out = run([sys.executable, "-c", PYTHON_BLOCKS[2]], workdir)
+def test_wcl_steps_in_your_own_loop(tmp_path):
+    code = block("docs/python-api.md", "WCL's training step in your own loop", "python")
+    out = run([sys.executable, "-c", code], tmp_path)
     assert re.fullmatch(r"loss \d+\.\d{3}, \d+ weak classes in the batch\n", out)
 
 
-def config_keys(cls) -> dict[str, set[str]]:
-    """{section: its keys} of a config dataclass."""
-    return {name: {f.name for f in fields(hint)} for name, hint in get_type_hints(cls).items()}
+def test_evaluation_and_report_commands_on_the_example_run(workdir):
+    run_commands(block("docs/evaluation.md", EVALUATION, "sh"), workdir, TINY["example-run"])
+    evals = workdir / "runs" / "try" / "eval" / "last"
+    for command in ("knn-eval", "linear-eval-fast", "finetune"):
+        results = json.loads((evals / command / "results.json").read_text())
+        assert results, command
+    run_commands(block("docs/evaluation.md", "Reports: `wcl report` and `wcl demo`", "sh"), workdir)
+    report = (workdir / "runs" / "try" / "report.md").read_text()
+    assert all(command in report for command in ("knn-eval", "linear-eval", "finetune"))
 
 
-def test_every_pretraining_key_is_in_the_readme_table():
-    from wcl.config import Config
-
-    rows = dict(re.findall(r"^\| `(\w+)` \| (.*) \|$", README, re.M))
-    for section, keys in config_keys(Config).items():
-        missing = keys - set(re.findall(r"`(\w+)`", rows[section]))
-        assert not missing, (section, missing)
-
-
-def test_every_eval_key_is_named_in_the_evaluation_section():
-    from wcl.eval.config import FinetuneConfig, KnnConfig, LinearConfig
-
-    text = README[README.index("## Evaluation") : README.index("## Weights")]
-    named = set(re.findall(r"`(?:\w+\.)?(\w+)`", text))
-    for cls in (LinearConfig, KnnConfig, FinetuneConfig):
-        for section, keys in config_keys(cls).items():
-            assert not keys - named, (cls.__name__, section, keys - named)
+def test_export_and_embed_commands_on_the_example_run(workdir):
+    copy_fixture_images(workdir / "photos", slice(0, 2))  # 20 images
+    run_commands(block("docs/weights.md", WEIGHTS, "sh"), workdir)
+    export = workdir / "runs" / "try" / "export"
+    for name in ("backbone.pt", "backbone.safetensors", "backbone.json"):
+        assert (export / name).is_file(), name
+    paths = (workdir / "photos-emb.txt").read_text().splitlines()
+    assert len(paths) == 20 and (workdir / "photos-emb.npy").is_file()
 
 
-OWN_IMAGES = README[README.index("## Pre-train on your own images") : README.index("## Several")]
-# What the 240-image folder below needs on top of the commands as written: a batch and
-# neighbour counts that fit it, and a minute of training instead of hours.
-TINY = {
-    "pretrain": [
-        "train.batch_size=64",
-        "train.epochs=2",
-        "optim.warmup_epochs=1",
-        "data.workers=0",
-        "model.width=8",
-    ],
-    "knn-eval": ["knn.k=[10]", "data.workers=0"],
-    "linear-eval": ["linear.epochs=2", "data.workers=0"],
-}
+def test_the_multi_crop_example_trains(tmp_path):
+    run_commands(block("docs/pretraining.md", "Multi-crop", "sh", 1), tmp_path, TINY["multi-crop"])
+    metrics = (tmp_path / "runs" / "multicrop" / "metrics.jsonl").read_text().splitlines()
+    assert "small_instance_loss" in json.loads(metrics[-1])
 
 
 def test_own_images_commands_run_from_another_directory(tmp_path):
     photos = tmp_path / "my_photos"  # Fashion-MNIST PNGs in class folders, 16 + 8 a class
-    for folder in sorted((ROOT / "tests" / "fixtures" / "fashion").iterdir()):
-        files = sorted(folder.glob("*.png"))
-        for split, chosen in (("train", files[:16]), ("val", files[16:24])):
-            (photos / split / folder.name).mkdir(parents=True)
-            for f in chosen:
-                shutil.copy(f, photos / split / folder.name / f.name)
-    wcl = str(Path(sys.executable).parent / "wcl")
-    commands = re.search(r"```sh\n(.*?)```", OWN_IMAGES, re.S).group(1)
-    for line in commands.splitlines():
-        argv = shlex.split(line, comments=True)
-        for key in TINY.get(argv[1], []):
-            argv += ["--set", key]
-        run([wcl, *argv[1:]], tmp_path)
+    copy_fixture_images(photos / "train", slice(0, 16))
+    copy_fixture_images(photos / "val", slice(16, 24))
+    run_commands(block("docs/own-images.md", OWN_IMAGES, "sh"), tmp_path, TINY["own-images"])
     assert (tmp_path / "runs" / "mine" / "report.md").is_file()
-    block = re.search(r"```python\n(.*?)```", OWN_IMAGES, re.S).group(1)
-    lines = run([sys.executable, "-c", block], tmp_path).splitlines()
+    code = block("docs/own-images.md", OWN_IMAGES, "python")
+    lines = run([sys.executable, "-c", code], tmp_path).splitlines()
     similarity = [float(x.split()[0]) for x in lines]
     assert len(lines) == 5 and similarity == sorted(similarity, reverse=True)
     assert all("my_photos/val/" in x for x in lines)
