@@ -18,7 +18,6 @@ DOCS = [
     ROOT / "CHANGELOG.md",
     *sorted((ROOT / "docs").glob("*.md")),
 ]
-KEYS_START, KEYS_END = "<!-- config-keys:start -->", "<!-- config-keys:end -->"
 
 
 def _prose(markdown: str) -> str:
@@ -118,16 +117,28 @@ def config_keys(cls) -> dict[str, set[str]]:
     return {name: {f.name for f in fields(hint)} for name, hint in get_type_hints(cls).items()}
 
 
-def test_every_pretraining_key_is_in_the_config_keys_table():
-    from wcl.config import Config
+@pytest.mark.parametrize(
+    ("page", "region"),
+    [("pretraining.md", "config-keys"), ("evaluation.md", "eval-config-keys")],
+)
+def test_config_key_tables_are_generated_from_the_declarations(page, region):
+    """The key tables are wcl.config_docs' output (python -m wcl.config_docs --update ...),
+    and every declared key is in one of them exactly once."""
+    from wcl.config_docs import REGIONS, region_text
 
-    text = (ROOT / "docs" / "pretraining.md").read_text()
-    assert text.count(KEYS_START) == 1 and text.count(KEYS_END) == 1
-    table = text[text.index(KEYS_START) : text.index(KEYS_END)]
-    rows = dict(re.findall(r"^\| `(\w+)` \| (.*) \|$", table, re.M))
-    for section, keys in config_keys(Config).items():
-        missing = keys - set(re.findall(r"`(\w+)`", rows[section]))
-        assert not missing, (section, missing)
+    text = (ROOT / "docs" / page).read_text()
+    start, end = f"<!-- {region}:start -->", f"<!-- {region}:end -->"
+    assert text.count(start) == 1 and text.count(end) == 1
+    assert text[text.index(start) + len(start) + 1 : text.index(end)] == region_text(region), (
+        f"run: python -m wcl.config_docs --update docs/{page}"
+    )
+    from wcl.config import Config
+    from wcl.eval.config import FinetuneConfig, KnnConfig, LinearConfig
+
+    classes = [Config] if region == "config-keys" else [LinearConfig, KnnConfig, FinetuneConfig]
+    declared = {f"{s}.{k}" for cls in classes for s, keys in config_keys(cls).items() for k in keys}
+    listed = re.findall(r"^\| `(\w+\.\w+)` \|", region_text(region), re.M)
+    assert sorted(listed) == sorted(declared) and len(REGIONS[region][0]) > 1
 
 
 def test_every_eval_key_is_named_in_the_evaluation_page():

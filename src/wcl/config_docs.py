@@ -3,7 +3,10 @@
 Every row comes from the key's field in :mod:`wcl.config` or :mod:`wcl.eval.config`
 (default, type) and the metadata :func:`wcl.config_schema.key` stored there (allowed
 values, range, resume rule, help), so the documentation cannot drift from the checks.
-``python -m wcl.config_docs [TABLE]`` prints them.
+``python -m wcl.config_docs [TABLE]`` prints them; ``python -m wcl.config_docs --update
+FILE...`` rewrites the regions of markdown files marked ``<!-- NAME:start -->`` /
+``<!-- NAME:end -->`` for each NAME of :data:`REGIONS` (docs/pretraining.md and
+docs/evaluation.md; tests/test_docs.py checks they are in sync).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import dataclasses
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from wcl.config import Config
 from wcl.config_schema import KeyInfo, key_info, sections
 
-__all__ = ["TABLES", "key_table_markdown", "table_rows"]
+__all__ = ["REGIONS", "TABLES", "key_table_markdown", "region_text", "table_rows", "update_regions"]
 
 # Table name -> (title, config class name, section). The eval sections data and run are
 # the same in the three eval configs, so LinearConfig stands for them.
@@ -31,6 +35,11 @@ TABLES: dict[str, tuple[str, str, str]] = {
     "linear": ("`wcl linear-eval`: `linear`", "LinearConfig", "linear"),
     "knn": ("`wcl knn-eval`: `knn`", "KnnConfig", "knn"),
     "finetune": ("`wcl finetune`: `finetune`", "FinetuneConfig", "finetune"),
+}
+# Marked region of a markdown page -> (its tables, their heading level).
+REGIONS: dict[str, tuple[tuple[str, ...], int]] = {
+    "config-keys": (("data", "model", "optim", "train"), 4),
+    "eval-config-keys": (("eval-data", "eval-run", "linear", "knn", "finetune"), 3),
 }
 HEADER = ("key", "default", "allowed", "may change on resume", "meaning")
 # Ranges a narrower one implies, left out of the "allowed" column beside it.
@@ -109,10 +118,31 @@ def key_table_markdown(section: str | None = None, level: int = 3) -> str:
     return "\n\n".join(out) + "\n"
 
 
+def region_text(name: str) -> str:
+    """What the marked region ``name`` of :data:`REGIONS` holds between its markers."""
+    tables, level = REGIONS[name]
+    return "\n".join(key_table_markdown(t, level) for t in tables)
+
+
+def update_regions(markdown: str) -> str:
+    """``markdown`` with every marked region of :data:`REGIONS` regenerated."""
+    for name in REGIONS:
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if start in markdown:
+            head, rest = markdown.split(start, 1)
+            markdown = f"{head}{start}\n{region_text(name)}{end}{rest.split(end, 1)[1]}"
+    return markdown
+
+
 def _row(cells: tuple[str, ...]) -> str:
     # A | inside a cell would end it: escaped.
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
 if __name__ == "__main__":
-    sys.stdout.write(key_table_markdown(*sys.argv[1:2]))
+    if sys.argv[1:2] == ["--update"]:
+        for page in sys.argv[2:]:
+            path = Path(page)
+            path.write_text(update_regions(path.read_text()))
+    else:
+        sys.stdout.write(key_table_markdown(*sys.argv[1:2]))
