@@ -54,6 +54,7 @@ from wcl.eval.shards import (
     wrap_ddp,
 )
 from wcl.optim import param_groups
+from wcl.precision import float32_region
 
 __all__ = ["LinearProbe", "linear_classifier", "linear_eval", "train_linear_on_features"]
 
@@ -86,7 +87,7 @@ class LinearProbe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             feats = self.backbone(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with float32_region(x.device):
             return self.fc(feats.float())
 
 

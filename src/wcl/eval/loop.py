@@ -31,10 +31,9 @@ from tqdm import tqdm
 from wcl import dist
 from wcl.checkpoint import save_checkpoint
 from wcl.data import collate_readable, sample_seed
-from wcl.eval.features import autocast
 from wcl.eval.shards import sum_over_processes
 from wcl.optim import lr_at
-from wcl.run import grad_scaler
+from wcl.precision import autocast, grad_scaler
 
 __all__ = [
     "Recipe",
