@@ -54,8 +54,11 @@ class LossScale:
     The scaler records an overflow only in private state (its per-optimiser
     ``found_inf_per_device``). Publicly, ``update()`` multiplies the scale by
     ``backoff_factor`` (< 1) after a skipped step and lowers it on no other occasion, so a
-    step was taken exactly when the scale did not go down. (``scaler.step`` reads the
-    overflow flag on the host anyway; reading the scale adds one synchronisation a step.)
+    step was taken exactly when the scale did not go down. The other public routes do not
+    tell: ``scaler.step`` returns what the optimiser's step returns (None either way), and
+    checking the unscaled gradients after ``unscale_`` would repeat the scaler's own check.
+    (``scaler.step`` reads the overflow flag on the host anyway; reading the scale adds one
+    synchronisation a step.)
     """
 
     def __init__(self, scaler: torch.amp.GradScaler) -> None:
