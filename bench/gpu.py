@@ -22,7 +22,7 @@ writes them to $OUT/gpu.jsonl (or runs/bench/gpu.jsonl):
 9. multi-crop: the WCL step with 6 extra 96 px crops (``data.small_crops=6``) against the
    two-view step, and host synchronisations in it (as in 1);
 10. bitwise reruns: two runs of 3 WCL steps from the same seed, with torch's default
-   algorithms and with ``train.deterministic`` (``wcl.run.deterministic_algorithms``):
+   algorithms and with ``train.deterministic`` (``wcl.precision.deterministic_algorithms``):
    whether each pair ends with identical parameters, and the step-time cost of the switch;
 11. ``train.amp=fp16`` (what ``auto`` picks on GPUs without native bf16): the WCL step with
    float16 autocast and loss scaling against the bf16 step, the loss scale it settles at
@@ -49,7 +49,7 @@ from wcl.data import batch_strong_pipeline, blur_kernel_size, two_view_seeds
 from wcl.data.batch_ops import depthwise_gaussian_blur, shifted_gaussian_blur
 from wcl.model import WCL
 from wcl.optim import LARS, param_groups
-from wcl.run import deterministic_algorithms, grad_scaler
+from wcl.precision import deterministic_algorithms, grad_scaler
 
 RESULTS: list[dict] = []
 OUT_FILE = Path(os.environ.get("OUT", "runs/bench")) / "gpu.jsonl"

@@ -19,7 +19,7 @@ Everything resumes: a pre-training continues from its ``last.pt``, and a measure
 (arm, seed, epoch) is not measured again, so the same command picks up where a killed
 run stopped. Arms run seed by seed (every arm of seed 0 first), so a partial study is
 balanced. ``--threads 1`` leaves a core free on a 2-core machine. A pre-training stopped
-by SIGTERM/SIGUSR1 (``wcl.run.Preempted``) still has its epoch checkpoints measured, then
+by SIGTERM/SIGUSR1 (``wcl.preemption.Preempted``) still has its epoch checkpoints measured, then
 the script exits with status 75; bench/study_gpu.py relies on that to end inside a budget.
 ``--eval-subset N`` measures on the first N training and test images only (rehearsals).
 """
@@ -41,7 +41,7 @@ from wcl.config import Config, load_config
 from wcl.data import build_dataset, dataset_stats, eval_pipeline
 from wcl.demo import backbone_or_random, evaluate_features
 from wcl.eval import extract_features
-from wcl.run import Preempted
+from wcl.preemption import Preempted
 from wcl.train import pretrain
 
 ARMS = {

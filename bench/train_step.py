@@ -28,7 +28,7 @@ from scipy.sparse.csgraph import connected_components
 from wcl.backbones import build_backbone
 from wcl.model import WCL
 from wcl.optim import LARS, param_groups
-from wcl.run import cpu_has_native_bf16
+from wcl.precision import cpu_has_native_bf16
 
 MODELS = {
     "demo": {"backbone": "resnet10", "stem": "small-s2", "width": 32, "channels": 1, "size": 28,

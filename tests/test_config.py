@@ -181,7 +181,7 @@ def test_misspelt_keys_and_values_get_a_suggestion():
         load_eval_config("knn", "knn-small", ["run.amp=fp61"])
 
 
-# The keys wcl.run.MAY_CHANGE_ON_RESUME and wcl.eval.common._RESUMABLE_CHANGES listed by
+# The keys wcl.rundir.MAY_CHANGE_ON_RESUME and wcl.eval.common._RESUMABLE_CHANGES listed by
 # hand before the flag moved into the key declarations: the regression reference.
 RUN_RESUME_KEYS = {
     "data.root", "data.workers", "data.download", "train.out_dir", "train.device",

@@ -115,10 +115,11 @@ def test_torchrun_pretrain_then_one_process_resume(tmp_path):
     knn_rows = [r for r in rows if "knn_top1" in r]
     assert [r["epoch"] for r in knn_rows] == [1, 2]
     from wcl.config import load_config
-    from wcl.train import _knn_monitor, build_model
+    from wcl.pretrain_data import online_knn
+    from wcl.train import build_model
 
     cfg = load_config("fashion-mnist-demo", common + [f"train.out_dir={tmp_path / 'x'}"])
-    monitor = _knn_monitor(cfg, None)
+    monitor = online_knn(cfg, None)
     for row in knn_rows:
         model = build_model(cfg)
         model.load_state_dict(load_checkpoint(two / f"epoch-{row['epoch']:04d}.pt")["model"])

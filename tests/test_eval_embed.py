@@ -1,5 +1,7 @@
 """wcl embed: embeddings of a folder of images, saved as .npy plus the list of paths."""
 
+import os
+
 import numpy as np
 import torch
 from evalkit import (
@@ -39,6 +41,21 @@ def test_embed_writes_rows_in_path_order(tmp_path, capsys):
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(unit, emb / np.linalg.norm(emb, axis=1, keepdims=True), rtol=1e-5)
     assert (tmp_path / "n.txt").read_text().splitlines() == paths
+
+
+def test_embed_files_follow_the_umask(tmp_path):
+    """The array and the path list are written through wcl.atomic, as checkpoints are:
+    the mode a plain open() gives, 0o666 less the umask."""
+    ckpt = tiny_checkpoint(tmp_path / "pre.pt")
+    argv = ["embed", "--checkpoint", str(ckpt), "--images", str(PHOTOS), "--no-progress"]
+    umask = os.umask(0o077)
+    try:
+        assert main(argv + ["--out", str(tmp_path / "e")]) == 0
+    finally:
+        os.umask(umask)
+    for name in ("e.npy", "e.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_embed_class_folders_recursively(tmp_path):

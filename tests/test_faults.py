@@ -19,7 +19,7 @@ from wcl import dist
 from wcl.checkpoint import CheckpointError, load_checkpoint
 from wcl.config import ConfigError, load_config
 from wcl.model import WCL
-from wcl.run import PREEMPTED_EXIT_CODE
+from wcl.preemption import PREEMPTED_EXIT_CODE
 from wcl.train import pretrain
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fashion-idx"

@@ -14,7 +14,7 @@ from wcl.losses import (
     weak_label_loss,
 )
 from wcl.model import WCL
-from wcl.run import deterministic_algorithms
+from wcl.precision import deterministic_algorithms
 
 
 def tiny_wcl(**kwargs) -> WCL:

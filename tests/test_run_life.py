@@ -15,13 +15,14 @@ import pytest
 import torch
 from test_train import FIXTURE, tiny_config
 
+import wcl.steps
 import wcl.train
 from wcl.checkpoint import load_checkpoint, save_checkpoint
 from wcl.cli import main
 from wcl.data import ImageFolderDataset, check_data
 from wcl.data.views import TrainingViews
 from wcl.lock import LOCK_NAME, RunDirLocked, RunLock
-from wcl.run import MetricsLog
+from wcl.rundir import MetricsLog
 from wcl.train import pretrain
 
 HOLD = (
@@ -90,19 +91,19 @@ def test_evaluation_run_directories_are_locked_too(tmp_path, capsys):
 def test_a_signal_during_start_up_leaves_a_preempted_file(tmp_path, monkeypatch, capsys):
     """SIGTERM before the first step (here: while the data is read) ends the run with exit
     status 75 and a `preempted` file, which the sbatch recipe tests to requeue."""
-    reading = wcl.train._training_data
+    reading = wcl.train.training_data
 
     def signalled_while_reading(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return reading(*args, **kwargs)
 
-    monkeypatch.setattr(wcl.train, "_training_data", signalled_while_reading)
+    monkeypatch.setattr(wcl.train, "training_data", signalled_while_reading)
     out = tmp_path / "run"
     assert main(_cli_pretrain(out)) == 75
     assert "stopped during start-up, before step 1" in capsys.readouterr().err
     assert (out / "preempted").read_text() == "SIGTERM 0\n"
     assert not (out / "last.pt").exists()
-    monkeypatch.setattr(wcl.train, "_training_data", reading)
+    monkeypatch.setattr(wcl.train, "training_data", reading)
     assert main(_cli_pretrain(out) + ["--resume", "auto"]) == 0
     assert not (out / "preempted").exists()
 
@@ -132,7 +133,7 @@ def test_a_skipped_step_leaves_the_whole_model_state_as_it_was(tmp_path, monkeyp
 
     monkeypatch.setattr(TrainingViews, "make", poisoned)
     monkeypatch.setattr(wcl.train, "build_model", keep_model)
-    step = wcl.run.BufferSnapshot.restore
+    step = wcl.steps.BufferSnapshot.restore
 
     def after_restore(self):
         step(self)
@@ -140,7 +141,7 @@ def test_a_skipped_step_leaves_the_whole_model_state_as_it_was(tmp_path, monkeyp
         assert all(torch.equal(after[k], v) for k, v in states["before"].items())
         states["restored"] = True
 
-    monkeypatch.setattr(wcl.run.BufferSnapshot, "restore", after_restore)
+    monkeypatch.setattr(wcl.steps.BufferSnapshot, "restore", after_restore)
     out = tmp_path / "run"
     pretrain(tiny_config(out, "train.nonfinite=skip", "train.log_every=1"))
     assert states.get("restored")

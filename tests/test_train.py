@@ -126,7 +126,7 @@ def test_batch_mode_keeps_its_workers_across_epochs(tmp_path, monkeypatch, mode)
     epoch, so each epoch starts new workers (6 starts)."""
     import time
 
-    from wcl import train
+    from wcl import preemption
 
     starts = tmp_path / "starts"
     starts.mkdir()
@@ -134,7 +134,7 @@ def test_batch_mode_keeps_its_workers_across_epochs(tmp_path, monkeypatch, mode)
     def counting_init(worker_id: int) -> None:
         (starts / f"{os.getpid()}-{worker_id}-{time.monotonic_ns()}").touch()
 
-    monkeypatch.setattr(train, "ignore_preemption_signals", counting_init)
+    monkeypatch.setattr(preemption, "ignore_preemption_signals", counting_init)
     before = multiprocessing.get_start_method(allow_none=True)
     multiprocessing.set_start_method("fork", force=True)  # the closure above is not picklable
     try:
@@ -423,37 +423,38 @@ def test_amp_dtype_and_the_emulated_bf16_warning(monkeypatch):
     slower than float32)."""
     import warnings
 
-    from wcl import run
+    from wcl import precision
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     for capability, dtype in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
                               ((7, 5), torch.float16), ((7, 0), torch.float16)):  # fmt: skip
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
-        assert run.amp_dtype("auto", gpu) is dtype
-        assert run.amp_dtype("bf16", gpu) is torch.bfloat16
-        assert run.amp_dtype("fp16", gpu) is torch.float16 and run.amp_dtype("off", gpu) is None
-    assert run.amp_dtype("auto", cpu) is None
-    assert run.grad_scaler(cpu, torch.float16).is_enabled()
-    assert not run.grad_scaler(cpu, torch.bfloat16).is_enabled()
-    assert not run.grad_scaler(cpu, None).is_enabled()
-    monkeypatch.setattr(run, "cpu_has_native_fp16", lambda: False)
+        assert precision.amp_dtype("auto", gpu) is dtype
+        assert precision.amp_dtype("bf16", gpu) is torch.bfloat16
+        assert precision.amp_dtype("fp16", gpu) is torch.float16
+        assert precision.amp_dtype("off", gpu) is None
+    assert precision.amp_dtype("auto", cpu) is None
+    assert precision.grad_scaler(cpu, torch.float16).is_enabled()
+    assert not precision.grad_scaler(cpu, torch.bfloat16).is_enabled()
+    assert not precision.grad_scaler(cpu, None).is_enabled()
+    monkeypatch.setattr(precision, "cpu_has_native_fp16", lambda: False)
     with pytest.warns(UserWarning, match="without native fp16"):
-        assert run.amp_dtype("fp16", cpu) is torch.float16
-    monkeypatch.setattr(run, "cpu_has_native_fp16", lambda: True)
+        assert precision.amp_dtype("fp16", cpu) is torch.float16
+    monkeypatch.setattr(precision, "cpu_has_native_fp16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert run.amp_dtype("fp16", cpu) is torch.float16
-    monkeypatch.setattr(run, "cpu_has_native_bf16", lambda: False)
+        assert precision.amp_dtype("fp16", cpu) is torch.float16
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="without native bf16"):
-        assert run.amp_dtype("bf16", cpu) is torch.bfloat16
+        assert precision.amp_dtype("bf16", cpu) is torch.bfloat16
     for native in (True, None):  # has it, or cannot tell (not Linux): no warning
-        monkeypatch.setattr(run, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert run.amp_dtype("bf16", cpu) is torch.bfloat16
+            assert precision.amp_dtype("bf16", cpu) is torch.bfloat16
     monkeypatch.undo()
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
     expected = None if flags is None else bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
-    assert run.cpu_has_native_bf16() is expected
+    assert precision.cpu_has_native_bf16() is expected
     expected = None if flags is None else bool({"avx512_fp16", "amx_fp16", "asimdhp"} & set(flags))
-    assert run.cpu_has_native_fp16() is expected
+    assert precision.cpu_has_native_fp16() is expected

@@ -1,7 +1,9 @@
 """Weights in and out: release conversion, loading from every source, export, safe loading."""
 
+import errno
 import importlib.metadata
 import json
+import os
 import re
 
 import pytest
@@ -243,6 +245,37 @@ def test_nonstandard_export_sidecar_safetensors_and_rebuild(tmp_path):
         loaded = load_backbone(paths[kind])
         torch.testing.assert_close(loaded.module.eval()(x), expected)
         assert loaded.config["data"] == {"image_size": 28, "dataset": "fashion_mnist", "resize": 28}
+
+
+def test_export_follows_the_umask_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """Exported files are written as checkpoints are (wcl.atomic): with the mode a plain
+    open() gives (0o666 less the umask), and a write that fails (here the disk fills while
+    the safetensors file is synced) leaves the previous file, no .tmp- file and one line
+    naming the file."""
+    ckpt = tiny_checkpoint(tmp_path / "pre.pt")
+    out = tmp_path / "out"
+    umask = os.umask(0o027)
+    try:
+        paths = export_backbone(ckpt, out)
+    finally:
+        os.umask(umask)
+    assert {path.stat().st_mode & 0o777 for path in paths.values()} == {0o640}
+    before = paths["safetensors"].read_bytes()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(
+        OSError, match=r"could not write file .*backbone\.safetensors: no space"
+    ) as err:
+        export_backbone(ckpt, out)
+    assert err.value.errno == errno.ENOSPC
+    assert paths["safetensors"].read_bytes() == before
+    assert not list(out.glob(".tmp-*"))
 
 
 def test_export_onnx_runs_like_the_backbone(tmp_path):

@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     from wcl import dist
     from wcl.checkpoint import CheckpointError
     from wcl.data.errors import DataError
-    from wcl.run import PREEMPTED_EXIT_CODE, Preempted
+    from wcl.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     try:
         status = args.func(args)

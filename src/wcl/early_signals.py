@@ -3,7 +3,7 @@
 Importing torch and reading the data take seconds, during which SLURM's SIGTERM or
 SIGUSR1 would kill a process with no `preempted` file left for the job script. The CLI
 calls :func:`catch_early` first thing (this module imports nothing heavy); the training
-loop's ``wcl.run.PreemptionFlag`` then takes over what was received with :func:`take`.
+loop's ``wcl.preemption.PreemptionFlag`` then takes over what was received with :func:`take`.
 """
 
 from __future__ import annotations

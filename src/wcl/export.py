@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch.torch_version import TorchVersion
 
+from wcl.atomic import atomic_write, write_json
 from wcl.preprocess import input_size, preprocessing
-from wcl.weights import BackboneSpec, atomic_write, load_backbone, write_json
+from wcl.weights import BackboneSpec, load_backbone
 
 __all__ = ["OnnxUnavailableError", "export_backbone", "input_size"]
 

@@ -10,12 +10,12 @@ they are stable when the network runs under bf16 autocast.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from wcl.graph import nearest_candidates, weak_labels
+from wcl.precision import float32_region
 
 __all__ = [
     "instance_loss",
@@ -30,13 +30,6 @@ __all__ = [
 def _float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Half-precision inputs up to float32; float32/float64 stay as they are."""
     return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off for the loss arithmetic (a no-op where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 # At most this many logits (64 MiB in float32) exist at once in the log-sum-exp below.
@@ -127,7 +120,7 @@ def instance_loss(
     z1_all = z1 if z1_all is None else z1_all
     z2_all = z2 if z2_all is None else z2_all
     b, n = z1.shape[0], z1_all.shape[0]
-    with _no_autocast(z1.device):
+    with float32_region(z1.device):
         z1, z2, z1_all, z2_all = _float32(z1, z2, z1_all, z2_all)
         local = torch.arange(b, device=z1.device) + offset
         self_col = torch.cat([local, local + n])
@@ -158,7 +151,7 @@ def supervised_contrastive_loss(
     (sum_j s_ij = a_i . sum_j c_j / t), so no N x N label mask is ever built.
     """
     b, n = anchors.shape[0], candidates.shape[0]
-    with _no_autocast(anchors.device):
+    with float32_region(anchors.device):
         anchors, candidates = _float32(anchors, candidates)
         own = torch.arange(b, device=anchors.device) + offset
         log_denominator = _log_denominators(anchors, candidates, own, temperature)  # (b,)
@@ -260,7 +253,7 @@ def small_crop_knn_loss(
     Mean over the V*b crops and the candidate sets. ``neighbours``: those k rows if already
     found, one (V*b, k) long tensor per candidate set (``wcl.graph.nearest_candidates``).
     """
-    with _no_autocast(p_small.device):
+    with float32_region(p_small.device):
         (p_small,) = _float32(p_small)
         own = small_crop_rows(len(p_small), b, offset, p_small.device)
         terms = []

@@ -19,11 +19,9 @@ is needed to rebuild a network; ``wcl export`` still writes one for people and o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -38,13 +36,11 @@ from wcl.checkpoint import CheckpointError, load_checkpoint
 __all__ = [
     "BackboneSpec",
     "LoadedBackbone",
-    "atomic_write",
     "backbone_state",
     "check_finite",
     "infer_spec",
     "load_backbone",
     "read_weights",
-    "write_json",
 ]
 
 # torchvision's ResNets; any other spec needs wcl.backbones.build_backbone to rebuild.
@@ -274,28 +270,3 @@ def _sidecar_config(path: str | os.PathLike) -> dict[str, Any] | None:
     resize = ((info["input"].get("preprocessing") or {}).get("resize") or {}).get("short_side")
     data = {"image_size": size, "dataset": normalisation.get("dataset"), "resize": resize}
     return {"data": data, "model": {"stem": stem}}
-
-
-def atomic_write(path: str | os.PathLike, write: Any, mode: str = "wb") -> None:
-    """Call ``write(file)`` on a temporary file, fsync it, then rename it onto ``path``.
-
-    A crash part-way leaves any previous ``path`` intact and no partial file behind.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON (with a final newline)."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")

@@ -39,7 +39,6 @@ Known (small) differences from the per-image pipeline:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -71,6 +70,7 @@ from wcl.data.batch_ops import (
     rgb_to_grayscale,
 )
 from wcl.data.seeds import uniforms
+from wcl.precision import float32_region
 
 __all__ = [
     "BatchAugment",
@@ -313,14 +313,8 @@ class BatchAugment(torch.nn.Module):
         params = self.sample_params(seeds, images.shape[-2], images.shape[-1])
         # float32 views whatever autocast the caller runs under: autocast would turn the
         # blur's convolutions (on GPUs) into bf16 / fp16 and mix dtypes within a batch.
-        device_type = images.device.type
-        no_autocast = (
-            torch.autocast(device_type, enabled=False)
-            if device_type in ("cpu", "cuda")
-            else contextlib.nullcontext()
-        )
-        with no_autocast:
-            if device_type != "cpu" or len(images) == 0:
+        with float32_region(images.device):
+            if images.device.type != "cpu" or len(images) == 0:
                 return self.apply(images, params, crop)
             # On a CPU, a few samples at a time keep the float intermediates in cache.
             per_sample = images.shape[1] * max(images[0, 0].numel(), self.size**2)

@@ -18,6 +18,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from wcl import dist
+from wcl.atomic import write_json
 from wcl.checkpoint import load_checkpoint
 from wcl.config import ConfigError, config_changes
 from wcl.config_schema import resume_ok_keys
@@ -33,9 +34,9 @@ from wcl.eval.features import (
 )
 from wcl.eval.shards import gather_shards, shard
 from wcl.lock import RunLock, lock_on_rank0
+from wcl.precision import amp_dtype
 from wcl.preprocess import input_size, preprocessing
-from wcl.run import amp_dtype
-from wcl.weights import LoadedBackbone, load_backbone, write_json
+from wcl.weights import LoadedBackbone, load_backbone
 
 __all__ = [
     "SKIP_LOG",

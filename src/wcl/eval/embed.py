@@ -10,12 +10,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wcl.atomic import atomic_write
 from wcl.data import BROKEN, ImageFolderDataset, first_readable, read_skip_log
 from wcl.eval.common import resolve_device
 from wcl.eval.features import extract_features
+from wcl.precision import amp_dtype
 from wcl.preprocess import preprocessing
-from wcl.run import amp_dtype
-from wcl.weights import atomic_write, load_backbone
+from wcl.weights import load_backbone
 
 __all__ = ["EmbedResult", "embed_images", "embedding_paths", "skipped_path"]
 
@@ -65,7 +66,7 @@ def embed_images(
     Resize(256) + CenterCrop(224); no extra resize for the small-image stem), then
     normalised with the pre-training dataset's statistics. ``normalize`` L2-normalises the
     rows; ``amp`` "auto" runs the backbone in bfloat16 on a GPU (float16 on GPUs older than
-    compute capability 8; "off": float32, see :func:`wcl.run.amp_dtype`). Writes ``out``
+    compute capability 8; "off": float32, see :func:`wcl.precision.amp_dtype`). Writes ``out``
     (.npy, float32 (N, C)) and the image paths, one a line, beside it.
 
     A file that does not decode gets no row (never another image's vector): it is listed

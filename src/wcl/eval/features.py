@@ -21,9 +21,9 @@ from tqdm import tqdm
 from wcl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from wcl.data import BROKEN, NoReadableImageError, collate_marking_broken, unwrap_image_folder
 from wcl.eval.data import MapImages
+from wcl.precision import autocast
 
 __all__ = [
-    "autocast",
     "cached_features",
     "extract_features",
     "file_identity",
@@ -31,13 +31,6 @@ __all__ = [
     "readable_rows",
     "save_features",
 ]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _module_device(module: nn.Module) -> torch.device:

@@ -39,6 +39,7 @@ from wcl.eval.shards import (
 )
 from wcl.eval.supervised import SupervisedResults, supervised_recipe
 from wcl.optim import scaled_lr
+from wcl.precision import float32_region
 
 __all__ = ["LinearProbe", "linear_classifier", "linear_eval", "train_linear_on_features"]
 
@@ -71,7 +72,7 @@ class LinearProbe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             feats = self.backbone(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with float32_region(x.device):
             return self.fc(feats.float())
 
 

@@ -31,9 +31,8 @@ from tqdm import tqdm
 from wcl import dist
 from wcl.checkpoint import save_checkpoint
 from wcl.data import collate_readable, sample_seed
-from wcl.eval.features import autocast
 from wcl.optim import lr_at, param_groups
-from wcl.run import grad_scaler
+from wcl.precision import autocast, grad_scaler
 
 __all__ = [
     "Recipe",
@@ -240,7 +239,7 @@ def fit(
     trainable parameters) and is written to ``last.pt`` as ``model`` (e.g. only the linear
     layer of a probe), with the optimiser, the float16 loss scaler, ``epoch``, ``step``,
     ``history`` and ``extra``. float16 ``amp`` scales the loss
-    (:func:`wcl.run.grad_scaler`): a step whose gradients overflow is skipped.
+    (:func:`wcl.precision.grad_scaler`): a step whose gradients overflow is skipped.
     ``batches_for(epoch)`` gives that epoch's training batches (images, int64 targets);
     ``test()`` the test metrics (:func:`evaluate`). ``state``: a loaded ``last.pt`` to
     continue from. ``report(history, done)`` is called after every test pass (e.g. to
