@@ -29,10 +29,12 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from wcl import dist
+from wcl.cadence import Cadence
 from wcl.checkpoint import save_checkpoint
 from wcl.data import collate_readable, sample_seed
 from wcl.optim import lr_at, param_groups
 from wcl.precision import autocast, grad_scaler
+from wcl.steps import GuardedStep
 
 __all__ = [
     "Recipe",
@@ -86,15 +88,23 @@ class Recipe:
             weight_decay=self.weight_decay,
         )
 
+    @property
+    def cadence(self) -> Cadence:
+        """When it tests and saves, as pre-training's loop says it (``wcl.cadence``)."""
+        return Cadence(
+            self.epochs,
+            self.steps_per_epoch,
+            save_every=self.checkpoint_every,
+            evaluate_every=self.eval_every,
+        )
+
     def tests_after(self, epoch: int) -> bool:
         """Whether the test pass runs after ``epoch`` (1-based; the last always)."""
-        return epoch % self.eval_every == 0 or epoch == self.epochs
+        return self.cadence.evaluates_after(epoch)
 
     def saves_after(self, epoch: int) -> bool:
         """Whether ``last.pt`` is written after ``epoch`` (1-based; the last always)."""
-        return self.run_dir is not None and (
-            epoch % self.checkpoint_every == 0 or epoch == self.epochs
-        )
+        return self.run_dir is not None and self.cadence.keeps_after(epoch)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -239,7 +249,8 @@ def fit(
     trainable parameters) and is written to ``last.pt`` as ``model`` (e.g. only the linear
     layer of a probe), with the optimiser, the float16 loss scaler, ``epoch``, ``step``,
     ``history`` and ``extra``. float16 ``amp`` scales the loss
-    (:func:`wcl.precision.grad_scaler`): a step whose gradients overflow is skipped.
+    (:func:`wcl.precision.grad_scaler`): a step whose gradients overflow is skipped
+    (:class:`wcl.steps.GuardedStep`, as in pre-training).
     ``batches_for(epoch)`` gives that epoch's training batches (images, int64 targets);
     ``test()`` the test metrics (:func:`evaluate`). ``state``: a loaded ``last.pt`` to
     continue from. ``report(history, done)`` is called after every test pass (e.g. to
@@ -253,8 +264,10 @@ def fit(
     optimizer = recipe.optimizer(saved)
     scaler = grad_scaler(recipe.device, recipe.amp)
     epoch, step, history = _resume(state, saved, optimizer, scaler)
+    # A float16 step that overflows is dropped with its BatchNorm statistics (wcl.steps).
+    guard = GuardedStep(model, optimizer, scaler, skip_nonfinite=False)
     while epoch < recipe.epochs:
-        row = _train_epoch(recipe, model, optimizer, scaler, batches_for(epoch), epoch, step)
+        row = _train_epoch(recipe, model, optimizer, guard, batches_for(epoch), epoch, step)
         epoch, step = row["epoch"], row["step"]
         tested = recipe.tests_after(epoch)
         if tested:
@@ -292,7 +305,7 @@ def _train_epoch(
     recipe: Recipe,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
+    guard: GuardedStep,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     epoch: int,
     step: int,
@@ -321,13 +334,11 @@ def _train_epoch(
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        guard.begin()
         with autocast(device, recipe.amp):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        guard.finish(loss)
         loss_sum += loss.detach() * len(y)
         seen += len(y)
         step += 1
