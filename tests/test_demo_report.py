@@ -129,3 +129,19 @@ def test_the_headline_says_indistinguishable_inside_the_repeat_spread():
     assert "indistinguishable" in compare_to_spread(0.62, REPEAT_DIFFERENCES["knn_top1"])
     assert "WCL ahead beyond" in compare_to_spread(band + 0.01, REPEAT_DIFFERENCES["knn_top1"])
     assert "WCL behind beyond" in compare_to_spread(-1.5, REPEAT_DIFFERENCES["knn_top1"])
+
+
+def test_the_demo_cites_the_study_as_recorded():
+    """wcl.demo.STUDY_30_EPOCHS is the mean paired WCL exact - SimCLR difference at epoch
+    30 of bench/results/study-fashion-mnist.jsonl, not a figure typed in apart from it."""
+    from wcl.demo import STUDY_30_EPOCHS
+
+    path = Path(__file__).parent.parent / "bench" / "results" / "study-fashion-mnist.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    at = {(r["arm"], r["seed"]): r for r in rows if r["study"] == "study" and r["epoch"] == 30}
+    seeds = sorted(s for a, s in at if a == "exact" and ("simclr", s) in at)
+    assert len(seeds) >= 2
+    for key, cited in STUDY_30_EPOCHS.items():
+        diffs = [at[("exact", s)][key] - at[("simclr", s)][key] for s in seeds]
+        assert round(sum(diffs) / len(diffs), 2) == pytest.approx(cited, abs=0.006), key
+        assert all(d > 0 for d in diffs)
