@@ -375,7 +375,7 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
             "test Resize + CenterCrop; top-1/top-5 final and best. --fast trains on cached "
             "centre-crop features instead (NOT the paper's protocol). Writes config.yaml, "
             "last.pt and results.json to run.out_dir (default <checkpoint folder>/eval/"
-            "<checkpoint name>/linear-eval). Runs as one process, or under torchrun / SLURM "
+            "<checkpoint name>/linear-eval, or linear-eval-fast with --fast). Runs as one process, or under torchrun / SLURM "
             "srun for several (linear.batch_size is global). "
             f"Presets: {_eval_presets('linear')}."
         ),

@@ -86,7 +86,7 @@ def backbone_or_random(cfg: Config, checkpoint: Path | None) -> torch.nn.Module:
 
 
 # WCL minus SimCLR (kNN k=200, kNN k=20, linear) in six runs of the demo preset that
-# differed only in floating-point rounding (README, "What the demo shows"; 2026-11-29 to
+# differed only in floating-point rounding (BENCHMARKS.md, "The demo"; 2026-11-29 to
 # 2026-12-01): what rounding alone does to the difference at this budget.
 REPEAT_DIFFERENCES = {
     "knn_top1": (0.23, 0.26, -0.38, -0.41, 0.38, 0.01),
