@@ -260,7 +260,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    import json
 
     from wcl.data.check import check_data
 
@@ -268,8 +267,9 @@ def _check_data(args: argparse.Namespace) -> int:
                         progress=not args.quiet)  # fmt: skip
     print(report.summary())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        from wcl.atomic import write_json
+
+        write_json(args.json, report.to_dict())
     return 0 if report.usable and (report.ok or not args.strict) else 1
 
 

@@ -8,7 +8,6 @@ writes the report. Each pre-training resumes if interrupted (``resume="auto"``).
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import replace
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wcl.atomic import write_json
 from wcl.config import Config
 from wcl.data import build_dataset, dataset_stats, eval_pipeline
 from wcl.eval import extract_features, knn_accuracies, train_linear_on_features
@@ -198,10 +198,10 @@ def run_demo(cfg: Config, out_dir: str | Path) -> dict:
     summary, notes = _summary(methods, minutes, cfg.train.epochs)
     results = {"methods": methods, "summary": summary, "notes": notes, "minutes": minutes,
                "config": cfg.to_dict()}  # fmt: skip
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     from wcl.report import write_report  # matplotlib only here: bench/study.py runs without it
 
     write_report(out)
     results["minutes_with_report"] = (time.perf_counter() - start) / 60
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     return results

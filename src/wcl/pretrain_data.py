@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+from wcl.atomic import atomic_write
 from wcl.config import Config, small_crop_size
 from wcl.data import (
     build_dataset,
@@ -104,4 +105,4 @@ def save_late_batch(
     if targets is not None:
         batch["targets"] = targets.cpu()
     batch["classes"] = classes
-    torch.save(batch, path)
+    atomic_write(path, lambda f: torch.save(batch, f))

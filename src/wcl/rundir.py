@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 
 from wcl import dist
+from wcl.atomic import atomic_write
 from wcl.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -128,9 +129,8 @@ def _keep_records_up_to(path: Path, step: int) -> None:
             kept.append(line)
         dropped = dropped or not keep
     if dropped:
-        tmp = path.with_name(".tmp-" + path.name)
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def check_run_dir(run_dir: Path, resuming: bool) -> None:
@@ -247,7 +247,8 @@ class RunWriter:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.main = dist.is_main()
         if self.main:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            atomic_write(run_dir / "config.yaml", lambda f: f.write(text), mode="w")
             (run_dir / "preempted").unlink(missing_ok=True)
         self.log = MetricsLog(run_dir, self.main, state.step)
 
