@@ -178,7 +178,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     real_fsync, saves = os.fsync, {"n": 0}
 
     def fsync(fd):
-        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".tmp-"):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if name.startswith(".tmp-") and name.endswith(".pt"):  # a checkpoint being saved
             saves["n"] += 1
             if saves["n"] == 2:
                 raise OSError(errno.ENOSPC, "No space left on device")
