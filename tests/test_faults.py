@@ -193,6 +193,20 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert not list(run.glob(".tmp-*"))
 
 
+def test_resuming_weights_holding_nan_is_refused_naming_the_tensor(tmp_path):
+    """A last.pt whose weights hold NaN (damaged, or saved by a diverged run) is not
+    trained on: --resume refuses it in one line naming the tensor, and leaves it alone."""
+    run = tmp_path / "nan"
+    pretrain(config(run, "train.epochs=1"))
+    state = load_checkpoint(run / "last.pt")
+    state["model"]["g.0.weight"][0, 0] = float("nan")
+    wcl.checkpoint.save_checkpoint(state, run / "last.pt")
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"last.pt: tensor 'g.0.weight' holds NaN or Inf"):
+        pretrain(config(run, "train.epochs=2"), resume="auto")
+    assert (run / "last.pt").read_bytes() == before
+
+
 def test_batch_not_divisible_by_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(
         dist, "init_distributed", lambda *a: dist.DistInfo(0, 7, 0, torch.device("cpu"))

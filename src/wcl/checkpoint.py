@@ -16,6 +16,7 @@ import re
 import warnings
 import zipfile
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "CheckpointError",
+    "check_finite",
     "latest_checkpoint",
     "load_checkpoint",
     "rng_state",
@@ -167,6 +169,22 @@ def _torch_reason(message: str) -> str:
         if line and "weights_only" not in line and not line.startswith(boilerplate)
     ]
     return " ".join(kept).replace("WeightsUnpickler error: ", "") or "torch could not read it"
+
+
+def check_finite(
+    path: str | os.PathLike, state: Mapping[str, torch.Tensor], what: str = "backbone tensor"
+) -> None:
+    """CheckpointError naming the first tensor of ``state`` holding NaN or Inf: the weights
+    of a diverged or damaged run would score, embed, export and convert as if they were
+    fine. One pass over the weights, cheap beside any evaluation."""
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{path}: {what} {key!r} holds NaN or Inf ({bad} of "
+                    f"{tensor.numel()} values); weights of a diverged or damaged run are refused"
+                )
 
 
 def load_checkpoint(

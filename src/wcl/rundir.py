@@ -27,6 +27,7 @@ from wcl import dist
 from wcl.atomic import atomic_write
 from wcl.checkpoint import (
     CheckpointError,
+    check_finite,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -156,6 +157,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, cfg: Config) -> di
     checkpoint = load_checkpoint(path)
     if checkpoint.get("kind") != "pretrain" or "config" not in checkpoint:
         raise CheckpointError(f"{path} is not a wcl pre-training checkpoint")
+    check_finite(path, checkpoint["model"], "tensor")  # a damaged or diverged save
     changed = config_changes(
         checkpoint["config"], cfg.to_dict(), MAY_CHANGE_ON_RESUME, Config().to_dict()
     )

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from wcl.backbones import BACKBONES, STEMS, build_backbone
-from wcl.checkpoint import CheckpointError, load_checkpoint
+from wcl.checkpoint import CheckpointError, check_finite, load_checkpoint
 
 __all__ = [
     "BackboneSpec",
@@ -237,22 +237,6 @@ def _check_shapes(
             f"says) needs other shapes for {len(wrong)} tensor{'s' if len(wrong) > 1 else ''}: "
             f"{', '.join(wrong[:3])}{more}"
         )
-
-
-def check_finite(
-    path: str | os.PathLike, state: Mapping[str, torch.Tensor], what: str = "backbone tensor"
-) -> None:
-    """CheckpointError naming the first tensor of ``state`` holding NaN or Inf: the weights
-    of a diverged or damaged run would score, embed, export and convert as if they were
-    fine. One pass over the weights, cheap beside any evaluation."""
-    for key, tensor in state.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise CheckpointError(
-                    f"{path}: {what} {key!r} holds NaN or Inf ({bad} of "
-                    f"{tensor.numel()} values); weights of a diverged or damaged run are refused"
-                )
 
 
 def _sidecar_config(path: str | os.PathLike) -> dict[str, Any] | None:
