@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_json"]
+__all__ = ["atomic_write", "write_json", "write_text"]
 
 
 def _umask() -> int:
@@ -133,6 +133,11 @@ def atomic_write(
         ) from err
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically write the string ``text`` to ``path``."""
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON (with a final newline)."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
+    write_text(path, json.dumps(obj, indent=2) + "\n")

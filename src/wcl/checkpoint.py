@@ -30,6 +30,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "check_finite",
+    "nonfinite_tensors",
     "latest_checkpoint",
     "load_checkpoint",
     "rng_state",
@@ -171,20 +172,27 @@ def _torch_reason(message: str) -> str:
     return " ".join(kept).replace("WeightsUnpickler error: ", "") or "torch could not read it"
 
 
+def nonfinite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """The names of ``state``'s floating-point tensors holding NaN or Inf, in order."""
+    return [key for key, tensor in state.items()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+            and not bool(torch.isfinite(tensor).all())]  # fmt: skip
+
+
 def check_finite(
     path: str | os.PathLike, state: Mapping[str, torch.Tensor], what: str = "backbone tensor"
 ) -> None:
     """CheckpointError naming the first tensor of ``state`` holding NaN or Inf: the weights
     of a diverged or damaged run would score, embed, export and convert as if they were
     fine. One pass over the weights, cheap beside any evaluation."""
-    for key, tensor in state.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise CheckpointError(
-                    f"{path}: {what} {key!r} holds NaN or Inf ({bad} of "
-                    f"{tensor.numel()} values); weights of a diverged or damaged run are refused"
-                )
+    bad = nonfinite_tensors(state)
+    if bad:
+        tensor = state[bad[0]]
+        count = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(
+            f"{path}: {what} {bad[0]!r} holds NaN or Inf ({count} of "
+            f"{tensor.numel()} values); weights of a diverged or damaged run are refused"
+        )
 
 
 def load_checkpoint(

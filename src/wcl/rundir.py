@@ -24,12 +24,13 @@ import yaml
 from torch import nn
 
 from wcl import dist
-from wcl.atomic import atomic_write
+from wcl.atomic import write_text
 from wcl.checkpoint import (
     CheckpointError,
     check_finite,
     latest_checkpoint,
     load_checkpoint,
+    nonfinite_tensors,
     rng_state,
     save_checkpoint,
 )
@@ -130,8 +131,7 @@ def _keep_records_up_to(path: Path, step: int) -> None:
             kept.append(line)
         dropped = dropped or not keep
     if dropped:
-        text = "".join(line + "\n" for line in kept)
-        atomic_write(path, lambda f: f.write(text), mode="w")
+        write_text(path, "".join(line + "\n" for line in kept))
 
 
 def check_run_dir(run_dir: Path, resuming: bool) -> None:
@@ -190,8 +190,7 @@ def save_run_checkpoint(
     cfg: Config,
 ) -> None:
     """Write the run's checkpoint atomically; never one holding non-finite weights."""
-    bad = [name for name, p in model.state_dict().items() if p.is_floating_point()
-           and not torch.isfinite(p).all()]  # fmt: skip
+    bad = nonfinite_tensors(model.state_dict())
     if bad:
         raise FloatingPointError(
             f"not writing {path}: non-finite values in {bad[:5]}; the previous checkpoint is kept"
@@ -249,8 +248,7 @@ class RunWriter:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.main = dist.is_main()
         if self.main:
-            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-            atomic_write(run_dir / "config.yaml", lambda f: f.write(text), mode="w")
+            write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             (run_dir / "preempted").unlink(missing_ok=True)
         self.log = MetricsLog(run_dir, self.main, state.step)
 

@@ -18,7 +18,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from wcl import dist
-from wcl.atomic import atomic_write, write_json
+from wcl.atomic import write_json, write_text
 from wcl.checkpoint import load_checkpoint
 from wcl.config import ConfigError, config_changes
 from wcl.config_schema import resume_ok_keys
@@ -206,8 +206,7 @@ def start_run(setup: Setup, cfg: Any) -> None:
     # One run at a time writes the directory (wcl.lock), until finish_run.
     setup.lock = lock_on_rank0(setup.run_dir, f"wcl {setup.run_dir.name}")
     if dist.is_main():
-        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        atomic_write(setup.run_dir / "config.yaml", lambda f: f.write(text), mode="w")
+        write_text(setup.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def finish_run(setup: Setup) -> None:
