@@ -197,12 +197,12 @@ EVAL_RESUME_KEYS = {
 
 
 def test_the_keys_that_may_change_on_resume_come_from_the_declarations():
-    from wcl.config import MAY_CHANGE_ON_RESUME, may_change_on_resume
+    from wcl.config import MAY_CHANGE_ON_RESUME
+    from wcl.config_schema import resume_ok_keys
     from wcl.eval.config import KINDS
-    from wcl.eval.config import may_change_on_resume as eval_may_change
 
-    assert MAY_CHANGE_ON_RESUME == may_change_on_resume() == RUN_RESUME_KEYS
-    assert set().union(*(eval_may_change(kind) for kind in KINDS)) == EVAL_RESUME_KEYS
+    assert MAY_CHANGE_ON_RESUME == RUN_RESUME_KEYS
+    assert set().union(*(resume_ok_keys(cls) for cls in KINDS.values())) == EVAL_RESUME_KEYS
 
 
 def _config_classes():

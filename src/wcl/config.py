@@ -30,9 +30,7 @@ from wcl.config_schema import (
     check_seeds,
     choices_of,
     key,
-    keys_bounded,
     resume_ok_keys,
-    schema,
     sections_from_dict,
 )
 
@@ -60,7 +58,6 @@ __all__ = [
     "small_crop_size",
     "AMP_CHOICES",
     "MAY_CHANGE_ON_RESUME",
-    "may_change_on_resume",
 ]
 
 # Mixed precision (train.amp, the eval configs' run.amp, wcl embed --amp); auto is bf16 on
@@ -296,20 +293,11 @@ class Config:
         return asdict(self)
 
 
-# Derived from the declarations above, for code and tests that read them by name.
+# Derived from the declarations above: each key's allowed values, and the keys a resumed
+# run may change (they do not change its results; the rest must match the config saved
+# in its checkpoint).
 CHOICES = choices_of(Config)
-POSITIVE = keys_bounded(Config, "> 0")
-NON_NEGATIVE = keys_bounded(Config, ">= 0")
-UNIT_INTERVAL = tuple(keys_bounded(Config, "in [0, 1]"))
-AT_MOST = {k: i.at_most for k, i in schema(Config).items() if i.at_most is not None}
-# Keys a resumed run may change (they do not change its results); the rest must match
-# the config saved in its checkpoint.
 MAY_CHANGE_ON_RESUME = resume_ok_keys(Config)
-
-
-def may_change_on_resume() -> set[str]:
-    """The pre-training keys that may differ between a run and its resumption."""
-    return set(MAY_CHANGE_ON_RESUME)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

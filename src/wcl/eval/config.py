@@ -31,7 +31,6 @@ from wcl.config_schema import (
     SEED,
     check_keys,
     key,
-    resume_ok_keys,
     sections_from_dict,
 )
 
@@ -223,11 +222,6 @@ class FinetuneConfig:
 
 
 KINDS: dict[str, type] = {"linear": LinearConfig, "knn": KnnConfig, "finetune": FinetuneConfig}
-
-
-def may_change_on_resume(kind: str) -> set[str]:
-    """The keys of the ``kind`` config that may differ between a run and its resumption."""
-    return set(resume_ok_keys(KINDS[kind]))
 
 
 def _validate(flat: dict[str, Any], cls: type) -> None:
